@@ -1,0 +1,44 @@
+"""kvcache: a crash-safe LMDB cache for PyTorch datasets, computed once and read fast."""
+
+from .dataset import BuildReport, CacheStats, LmdbCachedDataset
+from .errors import (
+    CacheBusyError,
+    CacheCorruptError,
+    CacheFullError,
+    CacheReadOnlyError,
+    CacheWriteError,
+    CorruptRecordError,
+    IncompatibleCacheError,
+    KvCacheError,
+    MissingSampleError,
+    NotACacheError,
+    SampleTooLargeError,
+    StaleCacheError,
+    UnsupportedSampleError,
+)
+from .view import CacheInfo, CacheView, open_cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildReport",
+    "CacheBusyError",
+    "CacheCorruptError",
+    "CacheFullError",
+    "CacheInfo",
+    "CacheReadOnlyError",
+    "CacheStats",
+    "CacheView",
+    "CacheWriteError",
+    "CorruptRecordError",
+    "IncompatibleCacheError",
+    "KvCacheError",
+    "LmdbCachedDataset",
+    "MissingSampleError",
+    "NotACacheError",
+    "SampleTooLargeError",
+    "StaleCacheError",
+    "UnsupportedSampleError",
+    "__version__",
+    "open_cache",
+]

@@ -1,0 +1,395 @@
+"""``LmdbCachedDataset``: a map-style Dataset that computes each sample once.
+
+The first access to an index computes it from the source and stores it; every later
+access, in any process or run, reads it back from the cache. The read path is one LMDB
+``get`` in a short read transaction, a checksum, and one copy out of LMDB memory (see
+:mod:`kvcache.codec`); a bytes-bounded LRU sits in front of it in each process.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import lmdb
+import torch.utils.data
+
+from . import catalog, codec
+from .errors import (
+    CacheCorruptError,
+    CorruptRecordError,
+    KvCacheError,
+    MissingSampleError,
+    SampleTooLargeError,
+)
+from .fingerprint import compute_parts
+from .lru import BytesLRU
+from .progress import Progress
+from .store import KEY, META_ROW, Store, translate
+from .writeback import Writer
+
+__all__ = ["BuildReport", "CacheStats", "LmdbCachedDataset"]
+
+_ON_STALE = ("recompute", "reset", "error")
+_STALE = object()  # a record written by another fingerprint: treat as a miss
+_key = KEY.pack
+_decode = codec.decode
+
+
+@dataclass
+class CacheStats:
+    """This process's counts for one dataset (DataLoader workers each keep their own)."""
+
+    hits: int = 0  # served from LMDB
+    misses: int = 0  # computed from the source
+    lru_hits: int = 0  # served from the in-process LRU
+    writes: int = 0  # records committed by this process
+    corrupt: int = 0  # records that failed their checksum (recomputed or raised)
+    write_errors: int = 0  # records that could not be written (disk full, read-only, ...)
+    stale: int = 0  # records of another fingerprint, recomputed
+    too_large: int = 0  # samples over max_sample_bytes, served uncached
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What ``build()`` did."""
+
+    total: int
+    computed: int
+    already_cached: int
+    seconds: float
+
+    @property
+    def items_per_s(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+class LmdbCachedDataset(torch.utils.data.Dataset):
+    """Wrap a map-style dataset so every sample is computed once and read from LMDB after.
+
+    Args:
+        source: any map-style dataset (``__len__`` and ``__getitem__``), or ``None`` to
+            open an existing cache read-only and serve the indices it holds.
+        path: the cache directory (created if missing; must be empty or a kvcache cache).
+        version: a salt mixed into the default fingerprint; bump it when the source's
+            output changes in a way its class code does not show.
+        fingerprint: replaces the default fingerprint (class, length, class source).
+        on_stale: when the cache was filled by a different fingerprint: ``"recompute"``
+            (old records are never served; they are recomputed as read), ``"reset"``
+            (start empty) or ``"error"`` (raise StaleCacheError naming what changed).
+        lru_bytes: the per-process LRU's size in bytes (0 turns it off).
+        verify: check every record's checksum on read.
+        readonly: never write (misses are computed and returned, not stored).
+        map_size: the initial LMDB map size; it grows by doubling on demand.
+        max_map_size: the cap on growth; past it write-back stops with one warning.
+        readahead: OS readahead on the map (off suits random reads on local disk; on
+            suits caches published read-only on network storage).
+        max_sample_bytes: records above this are served uncached (SampleTooLargeError
+            is warned once).
+        write_batch: records per write transaction.
+        spot_check: recompute this many random cached samples at open and compare.
+
+    Raises:
+        NotACacheError, IncompatibleCacheError, StaleCacheError, CacheCorruptError,
+        CacheBusyError: at construction, for a path that cannot be used.
+    """
+
+    def __init__(self, source: Any, path: str | os.PathLike, *, version: str | int | None = None,
+                 fingerprint: str | None = None, on_stale: str = "recompute",
+                 lru_bytes: int = 64 << 20, verify: bool = True, readonly: bool = False,
+                 map_size: int | None = None, max_map_size: int | None = None,
+                 readahead: bool = False, max_sample_bytes: int = 1 << 30,
+                 write_batch: int = 256, spot_check: int = 0) -> None:
+        if on_stale not in _ON_STALE:
+            raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
+        self._args = dict(
+            source=source, path=os.fspath(path), version=version, fingerprint=fingerprint,
+            on_stale=on_stale, lru_bytes=lru_bytes, verify=verify, readonly=readonly,
+            map_size=map_size, max_map_size=max_map_size, readahead=readahead,
+            max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
+        )
+        self._setup()
+        self._prepare()  # validate the path now, in the constructing process
+        if spot_check:
+            from .integrity import spot_check as _spot_check
+
+            self.spot_check_report = _spot_check(self, spot_check)
+
+    def _setup(self) -> None:
+        a = self._args
+        self.source = a["source"]
+        self.path = os.path.abspath(a["path"])
+        self.verify = a["verify"]
+        self.max_sample_bytes = a["max_sample_bytes"]
+        self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
+                            create=self.source is not None, map_size=a["map_size"],
+                            max_map_size=a["max_map_size"], readahead=a["readahead"])
+        self._stats = CacheStats()
+        self._lru = BytesLRU(a["lru_bytes"]) if a["lru_bytes"] > 0 else None
+        self._writer = Writer(self._store, self._stats, batch_items=a["write_batch"])
+        self._fp_id: int | None = None
+        self._fp_read = -1
+        self._len: int | None = None
+        self._env: Any = None  # this process's open env handle (store._Env)
+        self._warned: set[str] = set()
+        self._closed = False
+
+    # -- pickling: the constructor's arguments only, nothing live
+
+    def __getstate__(self) -> dict:
+        return {"_args": self._args}
+
+    def __setstate__(self, state: dict) -> None:
+        self._args = state["_args"]
+        self._setup()  # opens lazily, in the process that uses it
+
+    # -- opening
+
+    def _prepare(self) -> Any:
+        """Open this process's environment and match the source's fingerprint."""
+        if self._closed:
+            raise ValueError(f"{self.path}: I/O on a closed LmdbCachedDataset")
+        e = self._store.handle()
+        src = self.source
+        parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"])
+        length = None if src is None else len(src)
+        res = catalog.resolve(self._store, parts, length, self._args["on_stale"])
+        self._fp_id = self._writer.fp_id = res.fp_id
+        self._fp_read = -1 if res.fp_id is None else res.fp_id  # -1 matches no record
+        if src is None:
+            self._len = res.length if res.length is not None else self._last_index() + 1
+        else:
+            self._len = length
+        if e.readonly_reason and not self._args["readonly"] and src is not None:
+            self._warn_once("readonly", f"kvcache: {e.readonly_reason}; misses are computed, not stored")
+        if res.stale and res.reset:
+            self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
+        if self._lru is not None:
+            self._lru.clear()
+        self._env = e
+        return e
+
+    def _last_index(self) -> int:
+        with self._store.begin() as txn:
+            cur = txn.cursor()
+            return KEY.unpack(bytes(cur.key()))[0] if cur.last() else -1
+
+    def _handle(self) -> Any:
+        e = self._env
+        if e is None or e.dead:
+            e = self._prepare()
+        return e
+
+    # -- the Dataset protocol
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._handle()
+        return self._len  # type: ignore[return-value]
+
+    def _index(self, index: Any) -> int:
+        i = operator.index(index)
+        n = self._len if self._len is not None else len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        return i
+
+    def __getitem__(self, index: int) -> Any:
+        i = self._index(index)
+        lru = self._lru
+        if lru is not None:
+            rec = lru.get(i)
+            if rec is not None:
+                self._stats.lru_hits += 1
+                return _decode(rec, False)
+        e = self._env
+        if e is None or e.dead:
+            e = self._handle()
+        try:
+            txn = e.env.begin(e.samples, None, False, True)
+        except lmdb.Error:
+            txn = self._store.begin()
+        try:
+            value = self._lookup(txn, i)
+        finally:
+            txn.abort()
+        if value is _STALE:
+            return self._compute(i)
+        return value
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """Serve a DataLoader batch: one read transaction for all cached indices, then
+        the misses computed outside it."""
+        idx = [self._index(i) for i in indices]
+        out: list[Any] = [None] * len(idx)
+        todo: list[int] = []
+        lru = self._lru
+        e = self._handle()
+        try:
+            txn = e.env.begin(e.samples, None, False, True)
+        except lmdb.Error:
+            txn = self._store.begin()
+        try:
+            for pos, i in enumerate(idx):
+                if lru is not None:
+                    rec = lru.get(i)
+                    if rec is not None:
+                        self._stats.lru_hits += 1
+                        out[pos] = _decode(rec, False)
+                        continue
+                v = self._lookup(txn, i)
+                if v is _STALE:
+                    todo.append(pos)
+                else:
+                    out[pos] = v
+        finally:
+            txn.abort()
+        for pos in todo:
+            out[pos] = self._compute(idx[pos])
+        return out
+
+    def _lookup(self, txn: Any, i: int) -> Any:
+        """The decoded sample at ``i`` from ``txn``, or ``_STALE`` when it must be computed."""
+        try:
+            buf = txn.get(_key(i))
+        except lmdb.Error as exc:
+            return self._damaged(i, translate(exc, self.path))
+        if buf is None:
+            return _STALE
+        try:
+            value = _decode(buf, self.verify, self._fp_read)
+        except codec.StaleRecord:
+            self._stats.stale += 1
+            return _STALE
+        except CorruptRecordError as exc:
+            return self._damaged(i, exc)
+        self._stats.hits += 1
+        lru = self._lru
+        if lru is not None:
+            lru.put(i, bytes(buf))
+        return value
+
+    def _damaged(self, i: int, exc: KvCacheError) -> Any:
+        self._stats.corrupt += 1
+        if self.source is None:
+            if isinstance(exc, CorruptRecordError):
+                raise CorruptRecordError(
+                    f"{self.path}: record {i} is corrupt ({exc}); run `kvcache verify --repair {self.path}`"
+                ) from None
+            raise CacheCorruptError(f"{exc} (while reading index {i})") from None
+        self._warn_once("corrupt", f"kvcache: {self.path}: record {i} was damaged ({exc}); "
+                                   "recomputing from the source (further damaged records are counted "
+                                   "in stats().corrupt); `kvcache verify` checks the whole cache")
+        return _STALE
+
+    def _compute(self, i: int) -> Any:
+        """A miss: compute from the source (or a pending write) and buffer the record."""
+        w = self._writer
+        pending = w.pending(i)
+        if pending is not None:
+            return _decode(pending, False)
+        if self.source is None:
+            raise MissingSampleError(
+                f"{self.path}: index {i} is not in the cache and there is no source to compute it "
+                "(open with the source dataset to fill it)"
+            )
+        sample = self.source[i]
+        self._stats.misses += 1
+        if w.disabled or self._fp_id is None or self._store.readonly:
+            return sample
+        try:
+            record, layout, checksum = codec.encode(sample, self._fp_id)
+        except KvCacheError as exc:
+            raise type(exc)(f"index {i}: {exc}") from None
+        if len(record) > self.max_sample_bytes:
+            self._stats.too_large += 1
+            self._warn_once("too_large", str(SampleTooLargeError(
+                f"kvcache: sample {i} encodes to {len(record)} bytes, over max_sample_bytes="
+                f"{self.max_sample_bytes}; such samples are served uncached")))
+            return sample
+        w.add(i, record, META_ROW.pack(self._fp_id, checksum, len(record)) + layout)
+        return sample
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- the rest of the public API
+
+    def stats(self) -> CacheStats:
+        """This process's counts (a copy)."""
+        return CacheStats(**self._stats.as_dict())
+
+    def flush(self) -> int:
+        """Write buffered samples now; return how many records were committed."""
+        return self._writer.flush()
+
+    def build(self, progress: bool = False) -> BuildReport:
+        """Compute and store every index that is not cached yet (resumable).
+
+        Args:
+            progress: draw a progress line on stderr (it is drawn anyway on a terminal
+                when True; False keeps it quiet).
+        """
+        if self.source is None:
+            raise MissingSampleError(f"{self.path}: build() needs a source dataset")
+        self._handle()
+        n = len(self)
+        have = self.cached_indices()
+        t0 = time.perf_counter()
+        todo = [i for i in range(n) if i not in have]
+        with Progress(len(todo), "build", enabled=progress) as bar:
+            for i in todo:
+                self._compute(i)
+                bar.update()
+        self.flush()
+        return BuildReport(n, len(todo), n - len(todo), time.perf_counter() - t0)
+
+    def cached_indices(self) -> set[int]:
+        """Indices whose record was written by this source's fingerprint."""
+        e = self._handle()
+        fp = self._fp_id
+        out: set[int] = set()
+        if fp is None:
+            return out
+        with self._store.begin(e.meta) as txn:
+            for k, v in txn.cursor():
+                if len(v) >= META_ROW.size and META_ROW.unpack_from(v, 0)[0] == fp:
+                    out.add(KEY.unpack(k)[0])
+        return out
+
+    def random_cached(self, k: int, rng: random.Random | None = None) -> list[int]:
+        have = sorted(self.cached_indices())
+        return (rng or random.Random()).sample(have, min(k, len(have)))
+
+    def close(self) -> None:
+        """Flush buffered writes and release this process's environment (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._writer.flush()
+        finally:
+            self._closed = True
+            self._env = None
+            self._store.close()
+
+    def __enter__(self) -> "LmdbCachedDataset":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        src = type(self.source).__name__ if self.source is not None else None
+        return f"LmdbCachedDataset(source={src}, path={self.path!r}, len={self._len})"

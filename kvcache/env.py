@@ -1,0 +1,317 @@
+"""Opening a cache's LMDB environment: path hygiene, identity, locks, fork safety.
+
+Environments are opened lazily and at most once per process and path (py-lmdb refuses a
+second open), and shared by every Store on that path in the process. An environment
+inherited through ``fork`` is closed in the child by an at-fork hook and never used:
+reading through it leaks reader slots under the parent's pid (shared/faults p05a).
+
+Every opener holds ``kvcache.lock`` shared (flock) for as long as the environment is
+open, so ``compact`` and ``repair`` can take it exclusively and refuse to swap files
+under a live user (p09b).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import lmdb
+
+from . import codec
+from .errors import (
+    CacheBusyError,
+    CacheCorruptError,
+    CacheReadOnlyError,
+    IncompatibleCacheError,
+    NotACacheError,
+)
+from .extent import check_extent_in_child, size_guard_ok
+
+__all__ = ["FORMAT_VERSION", "LOCK_NAME", "classify", "is_readonly_error", "open_env",
+           "read_identity", "release_env"]
+
+FORMAT_VERSION = 1
+LOCK_NAME = "kvcache.lock"
+_OWN_FILES = {"data.mdb", "lock.mdb", LOCK_NAME}
+DEFAULT_MAP_SIZE = 1 << 30
+
+
+# --------------------------------------------------------------------------- process registry
+
+
+class Env:
+    """This process's one open environment for a path, shared by every Store on it."""
+
+    __slots__ = ("path", "env", "samples", "meta", "info", "readonly", "lock_fd", "refs", "dead",
+                 "readonly_reason", "lock", "write_lock")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.env: Any = None
+        self.samples = self.meta = self.info = None
+        self.readonly = False
+        self.readonly_reason: str | None = None
+        self.lock_fd: int | None = None
+        self.refs = 0
+        self.dead = False
+        self.lock = True
+        self.write_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.dead = True
+        if self.env is not None:
+            try:
+                self.env.close()
+            except lmdb.Error:
+                pass
+            self.env = None
+        if self.lock_fd is not None:
+            try:
+                os.close(self.lock_fd)
+            except OSError:
+                pass
+            self.lock_fd = None
+
+
+_REGISTRY: dict[str, Env] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The child must never use the parent's environment. Closing it here only drops the
+    # child's mapping and file descriptors (the parent's reader slots and fcntl locks are
+    # its own); kvcache never holds a read transaction across calls, so none is live.
+    for e in list(_REGISTRY.values()):
+        e.close()
+    _REGISTRY.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def errno_of(exc: BaseException) -> int | None:
+    code = getattr(exc, "errno", None) or getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def is_readonly_error(exc: BaseException) -> bool:
+    if isinstance(exc, (lmdb.ReadonlyError, PermissionError)):
+        return True
+    return errno_of(exc) in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in str(exc)
+
+
+def classify(path: str) -> str:
+    """``"new"`` (nothing there yet, or an empty directory) or ``"existing"``.
+
+    Raises:
+        NotACacheError: a plain file, or a directory that holds other things.
+    """
+    if not os.path.exists(path):
+        return "new"
+    if not os.path.isdir(path):
+        raise NotACacheError(
+            f"{path} is a file, not a cache directory; give the directory that holds data.mdb"
+        )
+    names = set(os.listdir(path))
+    if "data.mdb" in names:
+        if os.path.getsize(os.path.join(path, "data.mdb")) == 0:
+            if LOCK_NAME in names:
+                return "new"  # kvcache created it and was stopped before the first commit
+            raise NotACacheError(f"{path}: data.mdb is empty and kvcache did not create it")
+        return "existing"
+    if names <= {LOCK_NAME, "lock.mdb"}:
+        return "new"
+    others = ", ".join(sorted(names - _OWN_FILES)[:5])
+    raise NotACacheError(
+        f"{path} is not a kvcache cache: the directory holds other files ({others}); "
+        "give an empty or new directory"
+    )
+
+
+def read_identity(path: str) -> dict[str, Any]:
+    """Validate an existing cache without creating or changing a byte, and return its
+    ``format`` info row.
+
+    Raises:
+        NotACacheError, IncompatibleCacheError, CacheCorruptError.
+    """
+    ours = os.path.exists(os.path.join(path, LOCK_NAME))
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
+    except lmdb.InvalidError as exc:
+        if ours:
+            raise CacheCorruptError(
+                f"{path}: not a valid LMDB cache (meta pages damaged: {exc}); "
+                f"rebuild it with `kvcache verify --repair {path}` or delete the directory"
+            ) from None
+        raise NotACacheError(f"{path}: data.mdb is not an LMDB file") from None
+    except lmdb.Error as exc:
+        raise NotACacheError(f"{path}: cannot open as a cache ({exc})") from None
+    try:
+        if not size_guard_ok(env, path):
+            env.close()
+            env = None
+            check_extent_in_child(path)  # raises CacheCorruptError if a page is past EOF
+            env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
+        try:
+            info_db = env.open_db(b"info", create=False)
+        except lmdb.Error:
+            raise NotACacheError(
+                f"{path} is an LMDB environment but not a kvcache cache (no info table)"
+            ) from None
+        with env.begin(db=info_db) as txn:
+            raw = txn.get(b"format")
+        if raw is None:
+            raise NotACacheError(f"{path} is an LMDB environment but not a kvcache cache")
+        try:
+            fmt = json.loads(raw)
+        except ValueError:
+            raise CacheCorruptError(f"{path}: the cache's format row is unreadable") from None
+    except lmdb.Error as exc:
+        raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
+    finally:
+        if env is not None:
+            env.close()
+    if fmt.get("format") != "kvcache" or fmt.get("version") != FORMAT_VERSION or fmt.get("codec") != codec.CODEC_VERSION:
+        raise IncompatibleCacheError(
+            f"{path} was written by kvcache format {fmt.get('version')} / codec {fmt.get('codec')}; "
+            f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
+            "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
+        )
+    return fmt
+
+
+def _take_shared_lock(path: str) -> int | None:
+    """Open ``kvcache.lock`` and hold it shared for as long as the env is open.
+
+    Blocks while a compact or repair holds it exclusively. Returns None where the lock
+    file cannot be opened (a read-only location): there, nobody can compact either.
+    """
+    lp = os.path.join(path, LOCK_NAME)
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            fd = os.open(lp, flags | os.O_CLOEXEC, 0o666)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_env(path: str, *, readonly: bool, create: bool, map_size: int | None,
+             readahead: bool = False, max_readers: int = 126, lock: bool = True) -> Env:
+    """Open (or reuse) this process's environment for ``path``."""
+    with _REGISTRY_LOCK:
+        e = _REGISTRY.get(path)
+        if e is not None and not e.dead and (e.readonly or not readonly):
+            e.refs += 1
+            return e
+        if e is not None and not e.dead:
+            e.refs += 1  # a read-only Store may share a writable env
+            return e
+        e = _open_new(path, readonly=readonly, create=create, map_size=map_size,
+                      readahead=readahead, max_readers=max_readers, lock=lock)
+        e.refs = 1
+        _REGISTRY[path] = e
+        return e
+
+
+def release_env(e: Env) -> None:
+    with _REGISTRY_LOCK:
+        e.refs -= 1
+        if e.refs <= 0:
+            e.close()
+            if _REGISTRY.get(e.path) is e:
+                del _REGISTRY[e.path]
+
+
+def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
+              readahead: bool, max_readers: int, lock: bool) -> Env:
+    state = classify(path)
+    fmt = None
+    if state == "new":
+        if readonly or not create:
+            raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
+    else:
+        fmt = read_identity(path)
+    e = Env(path)
+    e.lock_fd = _take_shared_lock(path) if lock else None
+    recorded = 0
+    size = max(map_size or DEFAULT_MAP_SIZE, 1 << 20)
+    attempts = [(readonly, lock)] if readonly else [(False, lock), (True, lock), (True, False)]
+    last: BaseException | None = None
+    for ro, lk in attempts:
+        try:
+            e.env = lmdb.open(
+                path, subdir=True, readonly=ro, lock=lk, create=(state == "new"), max_dbs=4,
+                map_size=size, readahead=readahead, max_readers=max_readers, meminit=False,
+            )
+            e.readonly, e.lock = ro, lk
+            break
+        except lmdb.ReadersFullError:
+            e.close()
+            raise CacheBusyError(
+                f"{path}: the LMDB reader table is full of stale or live readers; a process "
+                "that has the cache open can clear stale ones (any kvcache read does), or stop "
+                "every user of the cache so the next open resets the table"
+            ) from None
+        except (lmdb.Error, OSError) as exc:
+            last = exc
+            if not is_readonly_error(exc):
+                e.close()
+                raise CacheCorruptError(f"{path}: cannot open the cache ({exc})") from None
+            if state == "new":
+                e.close()
+                raise CacheReadOnlyError(f"{path}: cannot create a cache here ({exc})") from None
+    else:
+        e.close()
+        raise CacheReadOnlyError(f"{path}: cannot open the cache even read-only ({last})")
+    if e.readonly and not readonly:
+        e.readonly_reason = f"{path} is not writable ({last}); write-back is off"
+    env = e.env
+    try:
+        if e.lock:
+            env.reader_check()
+        if e.readonly:
+            e.samples = env.open_db(b"samples", create=False)
+            e.meta = env.open_db(b"meta", create=False)
+            e.info = env.open_db(b"info", create=False)
+        else:
+            e.samples = env.open_db(b"samples")
+            e.meta = env.open_db(b"meta")
+            e.info = env.open_db(b"info")
+            with env.begin(write=True, db=e.info) as txn:
+                if txn.get(b"format") is None:
+                    txn.put(b"format", json.dumps({
+                        "format": "kvcache", "version": FORMAT_VERSION, "codec": codec.CODEC_VERSION,
+                        "created": time.time(),
+                    }).encode())
+                raw = txn.get(b"map_size")
+                recorded = int(raw) if raw else 0
+            if recorded > env.info()["map_size"]:
+                env.set_mapsize(recorded)  # open with max(configured, recorded)
+    except lmdb.Error as exc:
+        e.close()
+        if is_readonly_error(exc):
+            raise CacheReadOnlyError(f"{path}: cannot initialise the cache ({exc})") from None
+        raise CacheCorruptError(f"{path}: cannot open the cache ({type(exc).__name__}: {exc})") from None
+    del fmt
+    return e

@@ -1,0 +1,89 @@
+"""The exceptions kvcache raises: one base, :class:`KvCacheError`, and a subclass per situation.
+
+Every message names the path or index involved and says what to do about it. Where a
+caller would naturally catch a builtin (``TypeError`` for a bad sample, ``KeyError`` for
+a missing one, ``PermissionError`` for a read-only location), the error derives from it
+too.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheBusyError",
+    "CacheCorruptError",
+    "CacheFullError",
+    "CacheReadOnlyError",
+    "CacheWriteError",
+    "CorruptRecordError",
+    "IncompatibleCacheError",
+    "KvCacheError",
+    "MissingSampleError",
+    "NotACacheError",
+    "SampleTooLargeError",
+    "StaleCacheError",
+    "UnsupportedSampleError",
+]
+
+
+class KvCacheError(Exception):
+    """Base class of every error kvcache raises."""
+
+
+class UnsupportedSampleError(KvCacheError, TypeError):
+    """A sample holds a value the codec cannot store without pickle.
+
+    The message names the place inside the sample, e.g. ``sample[1]['meta']: Foo``.
+    """
+
+
+class NotACacheError(KvCacheError):
+    """The path is not a kvcache cache: a plain file, a directory holding other things,
+    an LMDB environment that kvcache did not create, or a missing path opened read-only."""
+
+
+class IncompatibleCacheError(KvCacheError):
+    """The cache was written by another format or codec version of kvcache."""
+
+
+class StaleCacheError(KvCacheError):
+    """The cache was filled by a different source (fingerprint mismatch) and
+    ``on_stale="error"`` was asked for. The message names the parts that differ."""
+
+
+class CorruptRecordError(KvCacheError):
+    """One record failed its checksum or could not be decoded, and there is no source
+    to recompute it from. ``kvcache verify --repair PATH`` removes such records."""
+
+
+class CacheCorruptError(KvCacheError):
+    """The environment itself is damaged (truncated file, broken pages or meta pages)."""
+
+
+class CacheWriteError(KvCacheError, OSError):
+    """Writing to the cache failed (disk full, I/O error). Samples keep coming from the
+    source; the dataset warns once and counts ``write_errors``."""
+
+
+class CacheFullError(CacheWriteError):
+    """The LMDB map reached ``max_map_size``. Raise the cap or compact the cache."""
+
+
+class CacheReadOnlyError(CacheWriteError, PermissionError):
+    """The cache cannot be written here (read-only filesystem, permissions, or a
+    read-only view)."""
+
+
+class CacheBusyError(KvCacheError):
+    """The cache is in use and the operation needs it alone (compact, repair), or the
+    LMDB reader table is full of live readers."""
+
+
+class SampleTooLargeError(KvCacheError, ValueError):
+    """A sample's record exceeds the configured size cap; it is served uncached."""
+
+
+class MissingSampleError(KvCacheError, KeyError):
+    """The index is not in the cache and there is no source to compute it from."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

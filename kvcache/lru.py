@@ -1,0 +1,55 @@
+"""A least-recently-used map bounded by bytes, not by item count.
+
+It holds encoded records (immutable ``bytes``), so nothing handed to a caller can alias
+it: every hit is decoded into fresh arrays.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+__all__ = ["BytesLRU"]
+
+
+class BytesLRU:
+    """Index -> record bytes, evicting the least recently used past ``max_bytes``."""
+
+    __slots__ = ("max_bytes", "nbytes", "_d")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._d: OrderedDict[int, bytes] = OrderedDict()
+
+    def get(self, key: int) -> bytes | None:
+        d = self._d
+        rec = d.get(key)
+        if rec is not None:
+            d.move_to_end(key)
+        return rec
+
+    def put(self, key: int, rec: bytes) -> None:
+        n = len(rec)
+        if n > self.max_bytes // 4:  # one item must not flush most of the cache
+            return
+        d = self._d
+        old = d.pop(key, None)
+        if old is not None:
+            self.nbytes -= len(old)
+        d[key] = rec
+        self.nbytes += n
+        while self.nbytes > self.max_bytes:
+            _, ev = d.popitem(last=False)
+            self.nbytes -= len(ev)
+
+    def discard(self, key: int) -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.nbytes -= len(old)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)

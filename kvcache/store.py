@@ -1,0 +1,248 @@
+"""The LMDB environment behind a cache: transactions, growth, batched writes.
+
+This module and :mod:`kvcache.env` own every LMDB call and turn ``lmdb.Error`` into
+kvcache errors. One environment directory holds ``data.mdb``, ``lock.mdb`` and
+``kvcache.lock``, with three named databases:
+
+* ``samples``: key (8-byte big-endian index) -> record (see :mod:`kvcache.codec`)
+* ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout),
+  written in the same transaction as the record
+* ``info``:    format version, codec version, fingerprints and their parts, current
+  fingerprint, recorded map size, created and last-written times
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import time
+from typing import Any, Iterable
+
+import lmdb
+
+from . import codec
+from .env import FORMAT_VERSION, LOCK_NAME, Env, errno_of, is_readonly_error, open_env, release_env
+from .errors import (
+    CacheBusyError,
+    CacheCorruptError,
+    CacheFullError,
+    CacheReadOnlyError,
+    CacheWriteError,
+    KvCacheError,
+)
+
+__all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "META_ROW", "Store", "index_of", "key_of", "translate"]
+
+KEY = struct.Struct(">Q")
+META_ROW = struct.Struct("<IQQ")  # fp_id, checksum, record bytes; the layout follows
+DEFAULT_MAX_MAP_SIZE = 1 << 40
+key_of = KEY.pack
+
+
+def index_of(key: bytes) -> int:
+    return KEY.unpack(key)[0]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """A handle on one cache environment for this process (lazy, fork-aware).
+
+    Args:
+        path: the cache directory.
+        readonly: never write; fail with NotACacheError where there is no cache.
+        create: create the cache if the path is new or an empty directory.
+        map_size: initial LMDB map size in bytes (the map grows by doubling on demand).
+        max_map_size: the cap on growth; past it, writes raise CacheFullError.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, create: bool = True,
+                 map_size: int | None = None, max_map_size: int | None = None,
+                 readahead: bool = False, max_readers: int = 126, lock: bool = True) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.readonly = readonly
+        self.create = create
+        self.map_size = map_size
+        self.max_map_size = max_map_size or DEFAULT_MAX_MAP_SIZE
+        self.readahead = readahead
+        self.max_readers = max_readers
+        self.lock = lock
+        self._e: Env | None = None
+
+    # -- lifecycle
+
+    def handle(self) -> Env:
+        """This process's open environment (opened on first use, and again after fork)."""
+        e = self._e
+        if e is None or e.dead:
+            e = self._e = open_env(self.path, readonly=self.readonly, create=self.create,
+                                   map_size=self.map_size, readahead=self.readahead,
+                                   max_readers=self.max_readers, lock=self.lock)
+        return e
+
+    @property
+    def writable(self) -> bool:
+        return not self.readonly and not self.handle().readonly
+
+    def close(self) -> None:
+        e, self._e = self._e, None
+        if e is not None and not e.dead:
+            release_env(e)
+
+    def __enter__(self) -> "Store":
+        self.handle()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions
+
+    def begin(self, db: Any = None, write: bool = False) -> Any:
+        """Begin a transaction, handling MapResized (another process grew the map) and
+        ReadersFull (stale slots of dead processes) once."""
+        e = self.handle()
+        for attempt in range(3):
+            try:
+                return e.env.begin(db=db if db is not None else e.samples, write=write, buffers=not write)
+            except lmdb.MapResizedError:
+                e.env.set_mapsize(0)
+            except lmdb.ReadersFullError:
+                if attempt or not e.lock or not e.env.reader_check():
+                    raise CacheBusyError(
+                        f"{self.path}: LMDB reader table full ({e.env.max_readers()} slots in use "
+                        "by live processes); fewer DataLoader workers or a larger max_readers "
+                        "on a fresh cache"
+                    ) from None
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
+        raise CacheBusyError(f"{self.path}: could not begin a transaction")
+
+    # -- info rows
+
+    def info_get(self, key: bytes) -> Any:
+        e = self.handle()
+        with self.begin(e.info) as txn:
+            raw = txn.get(key)
+            return None if raw is None else json.loads(bytes(raw))
+
+    def info_items(self) -> dict[str, Any]:
+        e = self.handle()
+        out: dict[str, Any] = {}
+        with self.begin(e.info) as txn:
+            for k, v in txn.cursor():
+                try:
+                    out[bytes(k).decode()] = json.loads(bytes(v))
+                except ValueError:
+                    out[bytes(k).decode(errors="replace")] = None
+        return out
+
+    def info_put(self, items: dict[bytes, Any], overwrite: bool = True) -> None:
+        e = self.handle()
+        self.transact(lambda txn: [txn.put(k, json.dumps(v).encode(), db=e.info, overwrite=overwrite)
+                                 for k, v in items.items()])
+
+    # -- writes
+
+    def write_records(self, rows: Iterable[tuple[int, bytes, bytes]], fp_id: int) -> int:
+        """Store ``(index, record, meta_row)`` rows in one transaction; return how many
+        were written. A key that already holds a valid record of ``fp_id`` is kept
+        (first writer wins); a stale or corrupt one is replaced.
+
+        Raises:
+            CacheFullError, CacheReadOnlyError, CacheWriteError.
+        """
+        e = self.handle()
+        batch = {key_of(i): (rec, meta) for i, rec, meta in rows}  # dedupe within the txn
+        stamp = json.dumps(time.time()).encode()
+
+        def put_all(txn: Any) -> int:
+            n = 0
+            for key, (rec, meta) in batch.items():
+                old = txn.get(key, db=e.samples)
+                if old is not None and codec.checksum_ok(old) and codec.read_header(old)[0] == fp_id:
+                    continue
+                txn.put(key, rec, db=e.samples)
+                txn.put(key, meta, db=e.meta)
+                n += 1
+            txn.put(b"last_written", stamp, db=e.info)
+            return n
+
+        return self.transact(put_all)
+
+    def delete_keys(self, indices: Iterable[int]) -> int:
+        e = self.handle()
+
+        def drop(txn: Any) -> int:
+            n = 0
+            for i in indices:
+                k = key_of(i)
+                n += bool(txn.delete(k, db=e.samples))
+                txn.delete(k, db=e.meta)
+            return n
+
+        return self.transact(drop)
+
+    def transact(self, fn: Any) -> Any:
+        """Run ``fn(txn)`` in a write transaction, growing the map on MapFull."""
+        e = self.handle()
+        if self.readonly or e.readonly:
+            raise CacheReadOnlyError(e.readonly_reason or f"{self.path}: opened read-only")
+        with e.write_lock:
+            while True:
+                try:
+                    with e.env.begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    e.env.set_mapsize(0)
+                except lmdb.Error as exc:
+                    raise translate(exc, self.path) from None
+
+    def _grow(self) -> None:
+        e = self.handle()
+        cur = e.env.info()["map_size"]
+        if cur >= self.max_map_size:
+            raise CacheFullError(
+                f"{self.path}: the cache reached max_map_size={self.max_map_size} bytes; "
+                "raise max_map_size or run `kvcache compact`"
+            )
+        new = min(cur * 2, self.max_map_size)
+        try:
+            e.env.set_mapsize(new)
+            with e.env.begin(write=True, db=e.info) as txn:
+                txn.put(b"map_size", str(new).encode())
+        except lmdb.MapFullError:
+            pass  # recording the size can itself hit the old limit; the next loop retries
+        except lmdb.Error as exc:
+            raise translate(exc, self.path) from None
+
+
+def translate(exc: lmdb.Error, path: str) -> KvCacheError:
+    """The kvcache error for an ``lmdb.Error`` met at ``path``."""
+    if isinstance(exc, lmdb.MapFullError):
+        return CacheFullError(f"{path}: map full ({exc})")
+    if is_readonly_error(exc):
+        return CacheReadOnlyError(f"{path}: not writable ({exc})")
+    code = errno_of(exc)
+    if code in (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            free = shutil.disk_usage(path).free
+        except OSError:
+            free = -1
+        cause = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < (64 << 20) else "I/O error"
+        return CacheWriteError(code, f"{path}: {cause} while writing the cache ({exc}; {free} bytes free)")
+    if isinstance(exc, lmdb.ReadersFullError):
+        return CacheBusyError(f"{path}: LMDB reader table full ({exc})")
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                        lmdb.CursorFullError, lmdb.PanicError, lmdb.BadRslotError)):
+        return CacheCorruptError(
+            f"{path}: the LMDB file is damaged ({type(exc).__name__}: {exc}); "
+            f"run `kvcache verify --repair {path}`"
+        )
+    return CacheWriteError(code or 0, f"{path}: LMDB error {type(exc).__name__}: {exc}")
