@@ -118,10 +118,18 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         )
         self._setup()
         self._prepare()  # validate the path now, in the constructing process
+        self.spot_check_report = None  # an integrity.SpotCheckReport when spot_check > 0
         if spot_check:
             from .integrity import spot_check as _spot_check
 
-            self.spot_check_report = _spot_check(self, spot_check)
+            self.spot_check_report = _spot_check(self, spot_check, repair=True)
+            if self.spot_check_report.mismatched:
+                bad = self.spot_check_report.mismatched
+                self._warn_once("spot_check", (
+                    f"kvcache: {self.path}: spot check found {len(bad)} of "
+                    f"{self.spot_check_report.checked} cached samples differing from the source "
+                    f"(indices {bad[:10]}); they were replaced, but the source changed without its "
+                    "fingerprint changing: pass a new version= (or on_stale='reset') to rebuild"))
 
     def _setup(self) -> None:
         a = self._args
@@ -256,6 +264,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             txn.abort()
         for pos in todo:
             out[pos] = self._compute(idx[pos])
+        if self._writer.rows:
+            self._writer.maybe_flush()
         return out
 
     def _lookup(self, txn: Any, i: int) -> Any:

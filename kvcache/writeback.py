@@ -68,6 +68,12 @@ class Writer:
                 or time.monotonic() - self.oldest >= self.batch_seconds):
             self.flush()
 
+    def maybe_flush(self) -> None:
+        """Flush if the oldest buffered row is older than ``batch_seconds`` (called after
+        each DataLoader batch, so persistent workers that only hit still write back)."""
+        if self.rows and time.monotonic() - self.oldest >= self.batch_seconds:
+            self.flush()
+
     def flush(self) -> int:
         """Write the buffered rows in one transaction; return how many were written."""
         if not self.rows:
