@@ -1,0 +1,5 @@
+"""``python -m kvcache``: the kvcache command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,324 @@
+"""The ``kvcache`` command: a thin click layer over :mod:`kvcache.maintenance`.
+
+Exit codes: 0 ok; 1 problems found (bad records, a busy or damaged cache, any other
+kvcache error); 2 usage error or a path that is not a cache (or of another format).
+Every reporting command takes ``--json``. A kvcache error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from . import maintenance as m
+from .errors import IncompatibleCacheError, KvCacheError, NotACacheError
+
+__all__ = ["cli", "main"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+def _fail(exc: BaseException, code: int) -> None:
+    click.echo(f"kvcache: error: {exc}", err=True)
+    sys.exit(code)
+
+
+def _guard(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (NotACacheError, IncompatibleCacheError) as exc:
+            _fail(exc, EXIT_USAGE)
+        except KvCacheError as exc:
+            _fail(exc, EXIT_PROBLEMS)
+        except ValueError as exc:  # a malformed SPEC and the like
+            _fail(exc, EXIT_USAGE)
+
+    return wrapper
+
+
+def _json(report: Any, **extra: Any) -> None:
+    d = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+    d.update(extra)
+    click.echo(json.dumps(d, indent=2, default=str))
+
+
+class _Bar:
+    """A click progress bar on a terminal; nothing otherwise (or with --json)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
+                                         show_eta=True, show_pos=True,
+                                         item_show_func=lambda _x: self._rate())
+            self.bar.__enter__()
+            self.t0 = time.perf_counter()
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def _rate(self) -> str:
+        dt = time.perf_counter() - getattr(self, "t0", time.perf_counter())
+        return f"{self.shown / dt:,.0f} items/s" if dt > 0 else ""
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+    def arg(self) -> Any:
+        return self if self.enabled else False
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if abs(n) < 1024:
+        return f"{n:,} B"
+    x = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        x /= 1024
+        if abs(x) < 1024 or unit == "TiB":
+            break
+    return f"{x:,.1f} {unit} ({n:,} B)"
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kvcache", prog_name="kvcache")
+def cli() -> None:
+    """Inspect and maintain kvcache caches (LMDB caches of PyTorch datasets).
+
+    Exit codes: 0 ok, 1 problems found, 2 usage error or not a cache.
+    """
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show what the cache at PATH holds (reads metadata only)."""
+    r = m.inspect_cache(path)
+    if as_json:
+        return _json(r)
+    fp = r.fingerprint or {}
+    out = [
+        f"path:          {r.path}",
+        f"format:        kvcache format {r.format_version}, codec {r.codec_version}",
+        f"fingerprint:   {fp.get('digest', '-')} (id {fp.get('id', '-')}; {r.fingerprints} known)",
+    ]
+    for k, v in sorted((fp.get("parts") or {}).items()):
+        out.append(f"  {k + ':':<13}{v}")
+    src = "unknown" if r.source_length is None else f"{r.source_length:,}"
+    pct = "" if not r.source_length else f" ({100 * r.current_entries / r.source_length:.1f}%)"
+    out += [
+        f"entries:       {r.current_entries:,} of {src}{pct}"
+        + (f"; {r.stale_entries:,} of other sources (kvcache gc)" if r.stale_entries else ""),
+        f"logical bytes: {_size(r.logical_bytes)}",
+        f"file bytes:    {_size(r.file_bytes)} (compacted about {_size(r.live_bytes)}; "
+        f"data.mdb on disk {_size(r.disk_bytes)})",
+        f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
+        f"readers:       {r.readers_used} of {r.max_readers} slots in use",
+        f"layouts:       {r.layouts}",
+    ]
+    out += [f"  {leaf}" for leaf in r.leaves]
+    out += [f"created:       {_when(r.created)}", f"last written:  {_when(r.last_written)}"]
+    click.echo("\n".join(out))
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--repair", is_flag=True, help="Remove bad records and orphan rows (salvage a broken file).")
+@click.option("--spot-check", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Recompute N random cached samples from --source and compare.")
+@click.option("--source", "source", metavar="SPEC", help="module:callable returning the source dataset.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def verify_cmd(path: str, repair: bool, spot_check: int, source: str | None, as_json: bool) -> None:
+    """Check every record of the cache at PATH (in a child process). Exit 1 on problems."""
+    if spot_check and not source:
+        raise click.UsageError("--spot-check needs --source SPEC")
+    bar = _Bar("verify", not as_json)
+    try:
+        r = m.verify(path, repair=repair, spot_check=spot_check, source=source, progress=bar.arg())
+    finally:
+        bar.close()
+    if as_json:
+        _json(r)
+    else:
+        click.echo(_verify_text(r))
+    sys.exit(EXIT_OK if r.ok else EXIT_PROBLEMS)
+
+
+def _verify_text(r: m.VerifyReport) -> str:
+    lines = [f"checked {r.checked:,} of {r.entries:,} records in {r.path}"]
+    if r.signal:
+        lines.append(f"the scan died with {r.signal}: the file is damaged")
+    for e in r.errors:
+        lines.append(f"structural: {e}")
+    if r.bad:
+        lines.append(f"bad records ({len(r.bad)}): {_list(r.bad)}")
+        for i in r.bad[:10]:
+            lines.append(f"  {i}: {r.reasons.get(str(i), '?')}")
+    if r.orphans:
+        lines.append(f"orphan rows ({len(r.orphans)}): {_list(r.orphans)}")
+    if r.spot_checked:
+        lines.append(f"spot check: {r.spot_checked} recomputed, {len(r.spot_mismatches)} differ"
+                     + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else ""))
+    if r.repaired:
+        how = (f"salvaged {r.salvaged:,} good records into a fresh file" if r.salvaged is not None
+               else f"removed {r.removed} records and rows")
+        lines.append(f"repair: {how}; verified again: {'ok' if r.ok else 'still damaged'}")
+        if r.after is not None and not r.ok:
+            lines.append(_verify_text(r.after))
+    elif not r.ok:
+        lines.append(f"problems found; `kvcache verify --repair {r.path}` removes them")
+    if r.ok and not r.repaired:
+        lines.append("ok")
+    return "\n".join(lines)
+
+
+def _list(xs: list[int], n: int = 20) -> str:
+    s = ", ".join(map(str, xs[:n]))
+    return s + (f", ... ({len(xs) - n} more)" if len(xs) > n else "")
+
+
+# --------------------------------------------------------------------------- compact, gc
+
+
+@cli.command("compact")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def compact_cmd(path: str, as_json: bool) -> None:
+    """Rewrite the cache at PATH without free pages (needs it to itself)."""
+    r = m.compact(path)
+    if as_json:
+        return _json(r, reclaimed=r.reclaimed)
+    click.echo(f"compacted {r.path}: {r.entries:,} records\n"
+               f"before: {_size(r.bytes_before)}\n"
+               f"after:  {_size(r.bytes_after)}\n"
+               f"reclaimed: {_size(r.reclaimed)}")
+
+
+@cli.command("gc")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def gc_cmd(path: str, as_json: bool) -> None:
+    """Drop records written by sources other than the current one."""
+    r = m.gc(path)
+    if as_json:
+        return _json(r)
+    click.echo(f"removed {r.removed:,} records of other sources; kept {r.kept:,}\n"
+               f"file bytes: {_size(r.file_bytes)}; `kvcache compact` would reclaim about "
+               f"{_size(r.compact_would_reclaim)}")
+
+
+# --------------------------------------------------------------------------- build, merge
+
+
+@cli.command("build")
+@click.argument("spec")
+@click.argument("path", type=click.Path())
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes computing samples (one writer).")
+@click.option("--version", "version", default=None, help="The fingerprint's version= salt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def build_cmd(spec: str, path: str, workers: int, version: str | None, as_json: bool) -> None:
+    """Fill every missing index of the cache at PATH from SPEC (module:callable).
+
+    Resumable: an interrupted build (Ctrl-C) keeps what it wrote; run it again.
+    """
+    bar = _Bar("build", not as_json)
+    try:
+        r = m.build(spec, path, workers=workers, version=version, progress=bar.arg())
+    finally:
+        bar.close()
+    if as_json:
+        _json(r, items_per_s=r.items_per_s)
+    else:
+        click.echo(f"{'interrupted' if r.interrupted else 'built'} {r.path}: computed {r.computed:,}, "
+                   f"already cached {r.already_cached:,}, of {r.total:,}\n"
+                   f"{r.seconds:.2f} s, {r.items_per_s:,.0f} items/s with {r.workers} worker(s)")
+    if r.interrupted:
+        sys.exit(130)
+
+
+@cli.command("merge")
+@click.argument("dest", type=click.Path())
+@click.argument("srcs", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
+    """Copy the records of caches SRCS (one source, same fingerprint) into DEST."""
+    r = m.merge(dest, list(srcs))
+    if as_json:
+        _json(r, ok=r.ok)
+    else:
+        lines = [f"merged {len(r.sources)} cache(s) into {r.dest}: copied {r.copied:,}, "
+                 f"already present {r.already_present:,}; {r.entries:,} records now"]
+        for s, bad in r.bad.items():
+            if bad:
+                lines.append(f"skipped {len(bad)} bad records of {s}: {_list(bad)}")
+        click.echo("\n".join(lines))
+    sys.exit(EXIT_OK if r.ok else EXIT_PROBLEMS)
+
+
+# --------------------------------------------------------------------------- get
+
+
+@cli.command("get")
+@click.argument("path", type=click.Path())
+@click.argument("index", type=int)
+@click.option("--out", type=click.Path(file_okay=False), help="Write each array leaf as DIR/<leaf>.npy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def get_cmd(path: str, index: int, out: str | None, as_json: bool) -> None:
+    """Show the structure of sample INDEX (and write its arrays with --out)."""
+    r = m.get_sample(path, index, out)
+    if as_json:
+        return _json(r)
+    lines = [f"sample {r.index}: {r.structure}"]
+    for leaf in r.leaves:
+        if leaf.shape is not None:
+            desc = f"{leaf.kind} {leaf.dtype}[{','.join(map(str, leaf.shape))}]"
+        else:
+            desc = f"{leaf.kind} = {leaf.value!r}"
+        lines.append(f"  {leaf.path}: {desc}" + (f" -> {leaf.file}" if leaf.file else ""))
+    click.echo("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the ``kvcache`` console script and ``python -m kvcache``."""
+    return cli.main(args=argv, prog_name="kvcache")
+
+
+if __name__ == "__main__":
+    main()

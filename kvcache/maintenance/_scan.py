@@ -1,0 +1,236 @@
+"""The checksum scan and the salvage copy, run in a child process.
+
+``python -m kvcache.maintenance._scan PATH`` walks every database of the cache, checks
+every record (checksum, decoding, agreement with its metadata row) and prints JSON lines
+on stdout: ``{"total": n}``, ``{"done": n}`` now and then, and ``{"result": {...}}``.
+``--salvage DEST`` instead copies every readable good record into a fresh environment at
+DEST, printing ``{"try": index}`` before touching each key, so the parent can restart it
+past a key whose pages kill the process (a truncated or broken file raises SIGBUS or
+aborts inside LMDB: shared/faults p02).
+
+This module imports only lmdb, numpy and the codec: a damaged file can kill it, and the
+parent reports how it died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import lmdb
+
+from .. import codec
+from ..errors import CorruptRecordError
+from ..store import KEY, META_ROW
+
+_PROGRESS_EVERY = 1000
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _open(path: str) -> Any:
+    last: Exception | None = None
+    for lock in (True, False):  # a registered reader is safe against live writers
+        try:
+            return lmdb.open(path, subdir=True, readonly=True, lock=lock, create=False, max_dbs=4)
+        except lmdb.InvalidError:
+            raise
+        except lmdb.Error as exc:
+            last = exc
+    raise last  # type: ignore[misc]
+
+
+def _identity(env: Any) -> tuple[dict | None, dict | None, str | None]:
+    """(format row, current row, problem) of the environment."""
+    try:
+        info = env.open_db(b"info", create=False)
+    except lmdb.Error:
+        return None, None, "not_a_cache"
+    with env.begin(db=info) as txn:
+        fmt, cur = txn.get(b"format"), txn.get(b"current")
+    if fmt is None:
+        return None, None, "not_a_cache"
+    return json.loads(fmt), (json.loads(cur) if cur else None), None
+
+
+def _check_record(raw: Any, meta: bytes | None) -> str | None:
+    """Why the record is bad, or None."""
+    if not codec.checksum_ok(raw):
+        return "checksum mismatch"
+    try:
+        fp, checksum, _ = codec.read_header(raw)
+        codec.decode(raw, False)
+    except CorruptRecordError as exc:
+        return str(exc)
+    if meta is not None:
+        if len(meta) < META_ROW.size:
+            return "metadata row too short"
+        mfp, mcs, msize = META_ROW.unpack_from(meta, 0)
+        if (mfp, mcs, msize) != (fp, checksum, len(raw)):
+            return "metadata row does not match the record"
+        if bytes(meta[META_ROW.size:]) != codec.record_layout(raw):
+            return "metadata layout does not match the record"
+    return None
+
+
+def scan(path: str) -> dict:
+    res: dict[str, Any] = {"checked": 0, "bad": [], "reasons": {}, "orphans": [], "errors": [],
+                           "entries": 0, "not_a_cache": False, "current": None}
+    try:
+        env = _open(path)
+    except lmdb.InvalidError as exc:
+        if not os.path.exists(os.path.join(path, "kvcache.lock")):
+            res["not_a_cache"] = True
+        res["errors"].append(f"cannot open: {exc}")
+        return res
+    except lmdb.Error as exc:
+        res["errors"].append(f"cannot open: {exc}")
+        return res
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        have = os.path.getsize(os.path.join(path, "data.mdb"))
+        if have < need:
+            res["short_by"] = need - have  # reported if the walk below dies or fails
+        fmt, cur, problem = _identity(env)
+        if problem:
+            res["not_a_cache"] = True
+            return res
+        res["current"] = cur
+        samples = env.open_db(b"samples", create=False)
+        meta = env.open_db(b"meta", create=False)
+        # the main database and the info rows: touch every page
+        for db in (None, env.open_db(b"info", create=False)):
+            with env.begin(db=db, buffers=True) as txn:
+                for _k, v in txn.cursor():
+                    if len(v):
+                        v[0], v[-1]
+        meta_keys: set[bytes] = set()
+        with env.begin(db=meta, buffers=True) as txn:
+            n_meta = txn.stat(meta)["entries"]
+            for k, _v in txn.cursor():
+                meta_keys.add(bytes(k))
+        if len(meta_keys) != n_meta:
+            res["errors"].append(f"meta: the database says {n_meta} rows, a walk found {len(meta_keys)}")
+        seen: set[bytes] = set()
+        with env.begin(db=samples, buffers=True) as txn:
+            total = txn.stat(samples)["entries"]
+            res["entries"] = total
+            _emit({"total": total})
+            mtxn = env.begin(db=meta, buffers=True)
+            try:
+                for k, v in txn.cursor():
+                    kb = bytes(k)
+                    seen.add(kb)
+                    res["checked"] += 1
+                    if len(kb) != KEY.size:
+                        res["errors"].append(f"samples: a key of {len(kb)} bytes")
+                        continue
+                    i = KEY.unpack(kb)[0]
+                    m = mtxn.get(kb)
+                    why = _check_record(v, None if m is None else bytes(m))
+                    if why:
+                        res["bad"].append(i)
+                        res["reasons"][str(i)] = why
+                    elif m is None:
+                        res["orphans"].append(i)
+                    if res["checked"] % _PROGRESS_EVERY == 0:
+                        _emit({"done": res["checked"]})
+            finally:
+                mtxn.abort()
+        if len(seen) != total:
+            res["errors"].append(f"samples: the database says {total} records, a walk found {len(seen)}")
+        for kb in meta_keys - seen:
+            if len(kb) == KEY.size:
+                res["orphans"].append(KEY.unpack(kb)[0])
+            else:
+                res["errors"].append(f"meta: a key of {len(kb)} bytes")
+        res["orphans"].sort()
+    except lmdb.Error as exc:
+        res["errors"].append(f"{type(exc).__name__}: {exc}")
+    finally:
+        env.close()
+    return res
+
+
+def salvage(path: str, dest: str, skip: set[int]) -> dict:
+    """Copy every good record (and the info rows) of ``path`` into a new env at ``dest``."""
+    src = _open(path)
+    out = lmdb.open(dest, subdir=True, create=True, max_dbs=4, map_size=max(src.info()["map_size"], 1 << 24))
+    o_samples, o_meta, o_info = (out.open_db(n) for n in (b"samples", b"meta", b"info"))
+    copied = 0
+    keys: set[bytes] = set()
+    try:
+        info = src.open_db(b"info", create=False)
+        with src.begin(db=info) as txn, out.begin(write=True, db=o_info) as otxn:
+            for k, v in txn.cursor():
+                otxn.put(bytes(k), bytes(v))
+    except lmdb.Error as exc:
+        _emit({"error": f"info: {exc}"})
+    for name in (b"meta", b"samples"):  # gather candidate keys; a broken walk stops early
+        try:
+            db = src.open_db(name, create=False)
+            with src.begin(db=db) as txn:
+                for k in txn.cursor().iternext(keys=True, values=False):
+                    keys.add(bytes(k))
+        except lmdb.Error as exc:
+            _emit({"error": f"{name.decode()}: {exc}"})
+    try:
+        samples = src.open_db(b"samples", create=False)
+    except lmdb.Error as exc:
+        _emit({"error": f"samples: {exc}"})
+        return {"copied": 0}
+    batch: list[tuple[bytes, bytes]] = []
+
+    def commit() -> None:
+        with out.begin(write=True) as otxn:
+            for kb, rec in batch:
+                fp, checksum, _ = codec.read_header(rec)
+                otxn.put(kb, rec, db=o_samples)
+                otxn.put(kb, META_ROW.pack(fp, checksum, len(rec)) + codec.record_layout(rec), db=o_meta)
+        batch.clear()
+
+    for kb in sorted(keys):
+        if len(kb) != KEY.size:
+            continue
+        i = KEY.unpack(kb)[0]
+        if i in skip:
+            continue
+        _emit({"try": i})
+        try:
+            with src.begin(db=samples) as txn:
+                rec = txn.get(kb)
+        except lmdb.Error:
+            continue
+        if rec is None or _check_record(rec, None):
+            continue
+        batch.append((kb, rec))
+        copied += 1
+        if len(batch) >= 256:
+            commit()
+    if batch:
+        commit()
+    with out.begin(write=True, db=o_info) as otxn:
+        otxn.put(b"last_written", json.dumps(time.time()).encode())
+    out.sync(True)
+    out.close()
+    src.close()
+    return {"copied": copied}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "--salvage":
+        skip = set(json.loads(argv[3])) if len(argv) > 3 else set()
+        _emit({"result": salvage(argv[0], argv[2], skip)})
+    else:
+        _emit({"result": scan(argv[0])})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,121 @@
+"""``merge``: combine caches of one source (built on several machines or ranks) into one."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .. import catalog, codec
+from ..errors import CorruptRecordError, StaleCacheError
+from ..fingerprint import diff_parts
+from ..store import KEY, META_ROW, Store
+from ..view import CacheView
+from ._common import check_cache
+
+__all__ = ["MergeReport", "merge"]
+
+BATCH = 512
+
+
+@dataclass
+class MergeReport:
+    dest: str
+    sources: list[str]
+    copied: int = 0  # records written into dest
+    already_present: int = 0  # keys dest already held (first writer wins)
+    bad: dict[str, list[int]] = field(default_factory=dict)  # source -> indices failing checksum
+    entries: int = 0  # current records in dest afterwards
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.bad.values())
+
+
+def _with_fp(rec: bytes, fp_id: int) -> bytes:
+    """The record with another fingerprint id in its header (and the checksum redone)."""
+    if codec.read_header(rec)[0] == fp_id:
+        return rec
+    buf = bytearray(rec)
+    struct.pack_into("<I", buf, 16, fp_id)
+    struct.pack_into("<Q", buf, 8, xxhash.xxh3_64_intdigest(bytes(buf[16:])))
+    return bytes(buf)
+
+
+def merge(dest: str | os.PathLike, srcs: list[str | os.PathLike]) -> MergeReport:
+    """Copy every good record of the current fingerprint of each cache in ``srcs`` into ``dest``.
+
+    All caches (and ``dest`` if it exists) must have the same fingerprint digest. A key
+    already in ``dest`` is kept (first writer wins); a record that fails its checksum
+    in a source is skipped and listed in ``bad``.
+
+    Raises:
+        StaleCacheError: the fingerprints differ; the message names the parts.
+        NotACacheError: a source is not a cache, or has no current fingerprint.
+    """
+    srcs = [check_cache(s) for s in srcs]
+    dest = os.path.abspath(os.fspath(dest))
+    fps = []
+    for s in srcs:
+        with CacheView(s, verify=False) as v:
+            info = v.info()
+        if info.fingerprint is None:
+            raise StaleCacheError(f"{s} has no current fingerprint (never written); nothing to merge")
+        fps.append((s, info.fingerprint, info.source_length))
+    first, fp0, length = fps[0]
+    _same(first, fp0, fps[1:])
+    rep = MergeReport(dest=dest, sources=srcs)
+    with Store(dest, create=True) as store:
+        cur = catalog.current(store)
+        if cur is not None and cur["digest"] != fp0["digest"]:
+            old = (catalog.fingerprints(store).get(cur["id"]) or {}).get("parts") or {}
+            raise StaleCacheError(
+                f"cannot merge into {dest}: it holds another source; differs from {first}: "
+                f"{'; '.join(diff_parts(old, fp0['parts'] or {})) or 'fingerprint digest'}")
+        fp_id = catalog.resolve(store, fp0["parts"], length, "error").fp_id
+        assert fp_id is not None
+        for s, fp, _len in fps:
+            bad = rep.bad.setdefault(s, [])
+            with CacheView(s, verify=False) as v:
+                e = v.store.handle()
+                rows: list[tuple[int, bytes, bytes]] = []
+                with v.store.begin(e.samples) as txn:
+                    for k, raw in txn.cursor():
+                        i = KEY.unpack(bytes(k))[0]
+                        try:
+                            if codec.read_header(raw)[0] != fp["id"]:
+                                continue
+                            if not codec.checksum_ok(raw):
+                                raise CorruptRecordError("checksum mismatch")
+                            rec = _with_fp(bytes(raw), fp_id)
+                            layout = codec.record_layout(rec)
+                        except CorruptRecordError:
+                            bad.append(i)
+                            continue
+                        rows.append((i, rec, META_ROW.pack(fp_id, codec.read_header(rec)[1], len(rec)) + layout))
+                        if len(rows) >= BATCH:
+                            _write(store, rows, fp_id, rep)
+                _write(store, rows, fp_id, rep)
+        e = store.handle()
+        with store.begin(e.meta) as txn:
+            rep.entries = sum(1 for _k, m in txn.cursor() if META_ROW.unpack_from(m, 0)[0] == fp_id)
+    return rep
+
+
+def _write(store: Store, rows: list, fp_id: int, rep: MergeReport) -> None:
+    if rows:
+        n = store.write_records(rows, fp_id)
+        rep.copied += n
+        rep.already_present += len(rows) - n
+        rows.clear()
+
+
+def _same(first: str, fp0: dict, others: list) -> None:
+    for s, fp, _len in others:
+        if fp["digest"] != fp0["digest"]:
+            parts = diff_parts(fp0.get("parts") or {}, fp.get("parts") or {})
+            raise StaleCacheError(
+                f"cannot merge {s} with {first}: different sources; "
+                f"{'; '.join(parts) or 'fingerprint digest'}")

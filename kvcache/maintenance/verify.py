@@ -1,0 +1,224 @@
+"""``verify``: check every record of a cache in a child process, and optionally repair it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import CacheCorruptError, NotACacheError
+from ._common import exclusive, open_raw, sibling_dir, swap_in
+from .spec import Progress, load_spec, progress_callback
+
+__all__ = ["VerifyReport", "verify"]
+
+MAX_SALVAGE_RESTARTS = 64
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found.
+
+    ``bad``, ``orphans``, ``errors`` and ``signal`` describe the first scan. With
+    ``repair=True``, ``repaired`` says whether the cache was changed, and ``ok`` is the
+    verdict of the scan run after the repair (``after`` holds it).
+    """
+
+    path: str
+    ok: bool
+    checked: int = 0
+    entries: int = 0
+    bad: list[int] = field(default_factory=list)  # checksum, decoding or metadata mismatch
+    reasons: dict[str, str] = field(default_factory=dict)  # index -> why it is bad
+    orphans: list[int] = field(default_factory=list)  # a record without its metadata row or the reverse
+    errors: list[str] = field(default_factory=list)  # structural problems
+    signal: str | None = None  # the signal that killed the scan, e.g. "SIGBUS"
+    repaired: bool = False
+    removed: int = 0  # records and rows deleted by the repair
+    salvaged: int | None = None  # records copied into a fresh file when the file was broken
+    spot_checked: int = 0
+    spot_mismatches: list[int] = field(default_factory=list)
+    after: "VerifyReport | None" = None
+
+
+def _run_child(args: list[str], on_line: Callable[[dict], None], timeout: float | None = None) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONFAULTHANDLER="0")
+    proc = subprocess.Popen([sys.executable, "-m", "kvcache.maintenance._scan", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            on_line(json.loads(line))
+        except ValueError:
+            continue
+    err = proc.stderr.read() if proc.stderr else ""
+    rc = proc.wait(timeout)
+    return rc, err
+
+
+def _signame(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _scan(path: str, progress: Progress | None) -> VerifyReport:
+    state: dict[str, Any] = {"result": None, "done": 0}
+
+    def on_line(msg: dict) -> None:
+        if "total" in msg and progress is not None:
+            progress.start(msg["total"])
+        elif "done" in msg:
+            if progress is not None:
+                progress.update(msg["done"] - state["done"])
+            state["done"] = msg["done"]
+        elif "result" in msg:
+            state["result"] = msg["result"]
+
+    rc, err = _run_child([path], on_line)
+    if progress is not None:
+        progress.finish()
+    rep = VerifyReport(path=path, ok=False)
+    res = state["result"]
+    if rc < 0 or res is None:
+        rep.checked = state["done"]
+        if rc < 0:
+            rep.signal = _signame(rc)
+            rep.errors.append(f"the scan was killed by {rep.signal} after about {state['done']} records: "
+                              "the file is damaged (a broken page, or truncated)")
+        else:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            rep.errors.append(f"the scan failed: {last}")
+        return rep
+    if res["not_a_cache"]:
+        raise NotACacheError(f"{path} is not a kvcache cache ({'; '.join(res['errors']) or 'no info table'})")
+    rep.checked, rep.entries = res["checked"], res["entries"]
+    rep.bad, rep.reasons, rep.orphans, rep.errors = res["bad"], res["reasons"], res["orphans"], res["errors"]
+    rep.ok = not (rep.bad or rep.orphans or rep.errors)
+    return rep
+
+
+def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int) -> None:
+    from .. import codec
+    from ..catalog import current
+    from ..store import KEY, META_ROW, Store
+
+    source = load_spec(source_spec)
+    with Store(path, readonly=True, create=False) as store:
+        cur = current(store)
+        if cur is None:
+            rep.errors.append("spot check: the cache has no current fingerprint")
+            return
+        e = store.handle()
+        with store.begin(e.meta) as txn:
+            have = [KEY.unpack(bytes(k))[0] for k, v in txn.cursor()
+                    if len(v) >= META_ROW.size and META_ROW.unpack_from(v, 0)[0] == cur["id"]]
+        picks = random.Random().sample(have, min(n, len(have)))
+        for i in picks:
+            with store.begin(e.meta) as txn:
+                stored = META_ROW.unpack_from(bytes(txn.get(KEY.pack(i))), 0)[1]
+            _rec, _lay, checksum = codec.encode(source[i], cur["id"])
+            rep.spot_checked += 1
+            if checksum != stored:
+                rep.spot_mismatches.append(i)
+    rep.spot_mismatches.sort()
+    if rep.spot_mismatches:
+        rep.ok = False
+
+
+def _salvage(path: str) -> int:
+    """Copy every readable good record into a fresh environment and swap it in."""
+    tmp = sibling_dir(path, "repair")
+    skip: set[int] = set()
+    state: dict[str, Any] = {}
+    try:
+        for _ in range(MAX_SALVAGE_RESTARTS):
+            state.clear()
+
+            def on_line(msg: dict) -> None:
+                if "try" in msg:
+                    state["last"] = msg["try"]
+                elif "result" in msg:
+                    state["result"] = msg["result"]
+
+            rc, err = _run_child([path, "--salvage", tmp, json.dumps(sorted(skip))], on_line)
+            if "result" in state:
+                break
+            if rc < 0 and "last" in state:
+                skip.add(state["last"])  # this key's pages kill the reader: leave it behind
+                continue
+            last = (err.strip().splitlines() or [f"exit status {rc}"])[-1]
+            raise CacheCorruptError(f"{path}: cannot salvage the cache ({last}); rebuild it")
+        else:
+            raise CacheCorruptError(
+                f"{path}: salvage gave up after {MAX_SALVAGE_RESTARTS} crashes; rebuild the cache")
+        swap_in(path, tmp)
+        return state["result"]["copied"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: str, indices: list[int]) -> int:
+    from ..store import KEY
+
+    env = open_raw(path, write=True)
+    try:
+        samples, meta = env.open_db(b"samples", create=False), env.open_db(b"meta", create=False)
+        n = 0
+        with env.begin(write=True) as txn:
+            for i in indices:
+                k = KEY.pack(i)
+                n += bool(txn.delete(k, db=samples))
+                n += bool(txn.delete(k, db=meta))
+        return n
+    finally:
+        env.close()
+
+
+def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0,
+           source: str | None = None, progress: Any = False) -> VerifyReport:
+    """Check every record of the cache at ``path`` in a child process.
+
+    The child walks every database and checks each record's checksum, that it decodes,
+    and that its metadata row agrees with it. A child killed by a signal (a truncated or
+    broken file makes LMDB raise SIGBUS or abort) is reported in ``signal``, not raised.
+
+    Args:
+        repair: remove bad records and orphan rows; when the file itself is broken, copy
+            every readable good record into a fresh file and swap it in. Needs the cache
+            to itself (takes ``kvcache.lock`` exclusively); verifies again afterwards.
+        spot_check: recompute this many random cached samples from ``source`` (a
+            ``module:callable`` spec) and compare checksums: catches a changed source.
+        progress: True for a progress line on stderr, or a callable ``(done, total)``.
+
+    Raises:
+        NotACacheError: nothing there, or not a kvcache cache.
+        CacheBusyError: ``repair`` while another process has the cache open.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "data.mdb")):
+        raise NotACacheError(f"{path}: no cache there (no data.mdb)")
+    if spot_check and not source:
+        raise ValueError("spot_check needs source= (a module:callable spec)")
+    rep = _scan(path, progress_callback(progress, "verify"))
+    if rep.ok and spot_check:
+        _spot_check(rep, path, source, spot_check)  # type: ignore[arg-type]
+    if not repair or rep.ok:
+        return rep
+    with exclusive(path, "repair"):
+        if rep.signal or rep.errors:
+            rep.salvaged = _salvage(path)
+            rep.removed = max(rep.entries - rep.salvaged, 0)
+        else:
+            rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans) | set(rep.spot_mismatches)))
+        rep.repaired = True
+    rep.after = _scan(path, None)
+    rep.ok = rep.after.ok
+    return rep
