@@ -217,11 +217,8 @@ def open_env(path: str, *, readonly: bool, create: bool, map_size: int | None,
     """Open (or reuse) this process's environment for ``path``."""
     with _REGISTRY_LOCK:
         e = _REGISTRY.get(path)
-        if e is not None and not e.dead and (e.readonly or not readonly):
-            e.refs += 1
-            return e
         if e is not None and not e.dead:
-            e.refs += 1  # a read-only Store may share a writable env
+            e.refs += 1
             return e
         e = _open_new(path, readonly=readonly, create=create, map_size=map_size,
                       readahead=readahead, max_readers=max_readers, lock=lock)
@@ -256,7 +253,10 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     e.lock_fd = _take_shared_lock(path) if lock else None
     recorded = 0
     size = max(map_size or DEFAULT_MAP_SIZE, 1 << 20)
-    attempts = [(readonly, lock)] if readonly else [(False, lock), (True, lock), (True, False)]
+    # Open read-write where we can, even for a read-only Store: the environment is shared by
+    # every Store on the path in this process (py-lmdb allows one open), so a read-only view
+    # opened first must not turn a later dataset's write-back off. Stores enforce readonly.
+    attempts = [(False, lock), (True, lock), (True, False)] if lock else [(True, False)]
     last: BaseException | None = None
     for ro, lk in attempts:
         try:
