@@ -213,7 +213,13 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         return i
 
     def __getitem__(self, index: int) -> Any:
-        i = self._index(index)
+        # The hot path (a cached read) is inlined: one read txn, one get, one decode,
+        # no per-item syscall. Anything unusual falls back to _lookup, which handles it.
+        n = self._len
+        if type(index) is int and n is not None and 0 <= index < n:
+            i = index
+        else:
+            i = self._index(index)
         lru = self._lru
         if lru is not None:
             rec = lru.get(i)
@@ -228,7 +234,16 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         except lmdb.Error:
             txn = self._store.begin()
         try:
-            value = self._lookup(txn, i)
+            try:
+                buf = txn.get(_key(i))
+                value = _STALE if buf is None else _decode(buf, self.verify, self._fp_read)
+            except (lmdb.Error, codec.StaleRecord, CorruptRecordError):
+                value = self._lookup(txn, i)  # counts, warns or raises as it should
+            else:
+                if value is not _STALE:
+                    self._stats.hits += 1
+                    if lru is not None:
+                        lru.put(i, bytes(buf))
         finally:
             txn.abort()
         if value is _STALE:
@@ -238,30 +253,43 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list:
         """Serve a DataLoader batch: one read transaction for all cached indices, then
         the misses computed outside it."""
-        idx = [self._index(i) for i in indices]
-        out: list[Any] = [None] * len(idx)
+        e = self._handle()
+        n = self._len
+        idx = [i if type(i) is int and 0 <= i < n else self._index(i) for i in indices]  # type: ignore[operator]
+        out: list[Any] = []
         todo: list[int] = []
         lru = self._lru
-        e = self._handle()
+        verify, fp, get_rec = self.verify, self._fp_read, None
+        hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
         except lmdb.Error:
             txn = self._store.begin()
         try:
-            for pos, i in enumerate(idx):
+            get_rec = txn.get
+            for i in idx:
                 if lru is not None:
                     rec = lru.get(i)
                     if rec is not None:
                         self._stats.lru_hits += 1
-                        out[pos] = _decode(rec, False)
+                        out.append(_decode(rec, False))
                         continue
-                v = self._lookup(txn, i)
-                if v is _STALE:
-                    todo.append(pos)
+                try:
+                    buf = get_rec(_key(i))
+                    v = _STALE if buf is None else _decode(buf, verify, fp)
+                except (lmdb.Error, codec.StaleRecord, CorruptRecordError):
+                    v = self._lookup(txn, i)  # counts, warns or raises as it should
                 else:
-                    out[pos] = v
+                    if v is not _STALE:
+                        hits += 1
+                        if lru is not None:
+                            lru.put(i, bytes(buf))
+                if v is _STALE:
+                    todo.append(len(out))
+                out.append(v)
         finally:
             txn.abort()
+            self._stats.hits += hits
         for pos in todo:
             out[pos] = self._compute(idx[pos])
         if self._writer.rows:
@@ -290,7 +318,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         return value
 
     def _damaged(self, i: int, exc: KvCacheError) -> Any:
-        self._stats.corrupt += 1
+        if self._writer.pending(i) is None:  # count a damaged record once, not once per read
+            self._stats.corrupt += 1
         if self.source is None:
             if isinstance(exc, CorruptRecordError):
                 raise CorruptRecordError(
