@@ -35,7 +35,7 @@ import xxhash
 from .errors import CorruptRecordError, UnsupportedSampleError
 from .layout import (
     F64, I64, MAX_DEPTH, MAX_NDIM, TORCH_NATIVE, U8, U16, U32, U64, LayoutError, LeafInfo,
-    describe, plan_for,
+    _PLANS, describe, plan_for,
 )
 
 __all__ = [
@@ -124,12 +124,20 @@ class _Encoder:
         elif isinstance(x, np.ndarray) and t not in _REJECTED_ARRAYS:
             self.add_array(b"A", x, None, where)
         elif isinstance(x, np.generic):
-            dt = x.dtype
+            arr = np.asarray(x).reshape(1)
+            dt = arr.dtype
             if dt.hasobject:
                 raise UnsupportedSampleError(f"{where}: numpy scalar of object dtype")
-            desc = _dtype_to_str(dt)
+            if dt.itemsize == 0:
+                # np.bytes_(b"") / np.str_("") have itemsize 0, which np.frombuffer
+                # cannot read back: store them with the smallest real width.
+                if dt.kind not in "SU":
+                    raise UnsupportedSampleError(f"{where}: numpy scalar of zero-size dtype {dt}")
+                arr = arr.astype(dt.kind + "1")
+                dt = arr.dtype
+            desc = _dtype_to_str(dt, where)
             lay.append(b"g" + _U8.pack(len(desc)) + desc)
-            parts.append(np.asarray(x).reshape(1).view(np.uint8).tobytes())
+            parts.append(arr.view(np.uint8).tobytes())
         elif self.torch is not None and isinstance(x, self.torch.Tensor):
             self.add_tensor(x, where)
         else:
@@ -167,7 +175,7 @@ class _Encoder:
             x = x.copy(order="C")  # np.ascontiguousarray would turn 0-d into 1-d
         if x.ndim > MAX_NDIM:
             raise UnsupportedSampleError(f"{where}: arrays of more than 32 dimensions are not supported")
-        desc = _dtype_to_str(dt)
+        desc = _dtype_to_str(dt, where)
         shape = x.shape
         header = _npy_header(dt, shape)
         self.layout.append(
@@ -182,14 +190,17 @@ class _Encoder:
 _REJECTED_ARRAYS = (np.ma.MaskedArray, np.matrix)
 
 
-def _dtype_to_str(dt: np.dtype) -> bytes:
+def _dtype_to_str(dt: np.dtype, where: str = "sample") -> bytes:
     if dt.fields is None and dt.subdtype is None:
         s = dt.str
     else:
         s = repr(np.lib.format.dtype_to_descr(dt))
-    raw = s.encode("ascii")
+    try:
+        raw = s.encode("ascii")
+    except UnicodeEncodeError:
+        raise UnsupportedSampleError(f"{where}: dtype {dt} has non-ASCII field names") from None
     if len(raw) > 255:
-        raise UnsupportedSampleError(f"dtype {dt} has a description longer than 255 bytes")
+        raise UnsupportedSampleError(f"{where}: dtype {dt} has a description longer than 255 bytes")
     return raw
 
 
@@ -274,6 +285,10 @@ _DECODE_ERRORS = (
 )
 
 
+_unpack_header = HEADER.unpack_from
+_plans = _PLANS
+
+
 class StaleRecord(Exception):
     """The record was written by another fingerprint than the one asked for."""
 
@@ -288,19 +303,20 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None) -> Any:
         CorruptRecordError: checksum mismatch or malformed bytes.
         StaleRecord: the record's fingerprint id is not ``fp_id``.
     """
+    # The hot path of every cached read: keep it to a handful of C calls. The plan is
+    # found by the layout's bytes (one copy of a few dozen bytes and a dict lookup) and
+    # checks the record's length itself.
     try:
-        magic, _flags, checksum, fp, layout_len = HEADER.unpack_from(buf, 0)
+        magic, _flags, checksum, fp, layout_len = _unpack_header(buf, 0)
         if magic != MAGIC:
             raise LayoutError("bad record magic")
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
         if verify and _checksum(buf[16:]) != checksum:
             raise CorruptRecordError("checksum mismatch")
-        body = HEADER_SIZE + layout_len
-        value, end = plan_for(bytes(buf[HEADER_SIZE:body]))(buf, body)
-        if end != len(buf):
-            raise LayoutError("record length does not match its layout")
-        return value
+        body = 24 + layout_len
+        lay = bytes(buf[24:body])
+        return (_plans.get(lay) or plan_for(lay))(buf, body)
     except (CorruptRecordError, StaleRecord):
         raise
     except _DECODE_ERRORS as exc:

@@ -2,7 +2,8 @@
 plans that decode a record's payload from it.
 
 A layout is bytes written by :mod:`kvcache.codec`. It is parsed into a small node tree
-and turned into a *plan*, ``plan(buf, pos) -> (sample, end)``. A plan is first a tree of
+and turned into a *plan*, ``plan(record, pos) -> sample`` (it also checks that the
+payload ends exactly at the record's end). A plan is first a tree of
 closures (cheap to build); once a layout has been seen a few times, it is compiled
 into one straight-line Python function, which is what makes a cached read cost a few
 microseconds. Only integers and generated names enter the compiled source: dtypes,
@@ -373,15 +374,29 @@ class _Gen:
 
 _GLOBALS = {
     "_i64": I64.unpack_from, "_f64": F64.unpack_from, "_bool": _BOOL, "_fb": np.frombuffer,
-    "_empty": np.empty, "_str": _str, "_sized": _sized, "_bigint": _bigint,
+    "_empty": np.empty, "_str": _str, "_sized": _sized, "_bigint": _bigint, "_LE": LayoutError,
 }
 
 
-def _compile(node: tuple) -> Callable:
+def _compile(node: tuple, whole: bool = False) -> Callable:
+    """One straight-line function for ``node``: ``plan(buf, p) -> (sample, end)``, or
+    with ``whole`` ``plan(buf, p) -> sample`` that checks the payload ends at the
+    record's end (a fixed-size layout checks the length before reading anything)."""
     g = _Gen()
     result = g.emit(node)
-    body = "\n".join(f"    {line}" for line in g.lines)
-    src = f"def plan(buf, p):\n{body}\n    return {result}, {g.at()}\n"
+    lines = g.lines
+    if not whole:
+        tail = f"    return {result}, {g.at()}\n"
+    elif not any(", p = " in line for line in lines):
+        # Fixed size: one length check up front, before any leaf is allocated.
+        lines = [f"if len(buf) != p+{g.off}: raise _LE('record length does not match its layout')",
+                 *lines]
+        tail = f"    return {result}\n"
+    else:
+        tail = (f"    if {g.at()} != len(buf): raise _LE('record length does not match its layout')\n"
+                f"    return {result}\n")
+    body = "\n".join(f"    {line}" for line in lines)
+    src = f"def plan(buf, p):\n{body}\n{tail}"
     namespace = dict(_GLOBALS, **g.consts)
     exec(compile(src, "<kvcache plan>", "exec"), namespace)
     return namespace["plan"]
@@ -404,13 +419,30 @@ COMPILE_AFTER = 3  # uses of one layout before it is compiled
 COMPILE_MAX_LEAVES = 256  # bigger layouts stay interpreted (compiling them costs more)
 
 
+def _whole(step: Callable) -> Callable:
+    """An interpreted plan as ``plan(buf, pos) -> sample`` that checks the record's end."""
+
+    def plan(buf: Any, pos: int) -> Any:
+        value, end = step(buf, pos)
+        if end != len(buf):
+            raise LayoutError("record length does not match its layout")
+        return value
+
+    return plan
+
+
 def plan_for(layout: bytes) -> Callable:
-    """The plan for ``layout``: cached, interpreted at first, compiled once it is hot."""
+    """The plan for ``layout``: cached, interpreted at first, compiled once it is hot.
+
+    A plan is ``plan(record, body_offset) -> sample``; it raises (LayoutError, or the
+    struct/numpy error of an out-of-bounds read) unless the payload fills the record
+    exactly.
+    """
     plan = _PLANS.get(layout)
     if plan is not None:
         return plan
     node = parse(layout)
-    interp = _interp(node)
+    interp = _whole(_interp(node))
     if len(_PLANS) >= PLAN_CACHE_MAX:
         _PLANS.clear()
     if _leaf_count(node) > COMPILE_MAX_LEAVES:
@@ -422,7 +454,7 @@ def plan_for(layout: bytes) -> Callable:
         nonlocal uses
         uses += 1
         if uses == COMPILE_AFTER:
-            _PLANS[layout] = _compile(node)
+            _PLANS[layout] = _compile(node, whole=True)
         return interp(buf, pos)
 
     _PLANS[layout] = warming
