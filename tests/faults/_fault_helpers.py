@@ -205,10 +205,18 @@ class Holder:
         assert out["ok"], out
         return out["res"]
 
+    def _release(self) -> None:
+        for f in (self.p.stdin, self.p.stdout, self.p.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
     def kill(self) -> None:
         if self.p.poll() is None:
             self.p.kill()
         self.p.wait()
+        self._release()
 
     def close(self) -> int:
         try:
@@ -216,10 +224,12 @@ class Holder:
         except OSError:
             pass
         try:
-            return self.p.wait(30)
+            rc = self.p.wait(30)
         except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
+            self.p.kill()
+            rc = self.p.wait()
+        self._release()
+        return rc
 
 
 # --------------------------------------------------------------------------- building caches
