@@ -156,15 +156,17 @@ class _Encoder:
         x = x.detach()
         if x.device.type != "cpu":
             x = x.cpu()
-        x = x.resolve_conj().resolve_neg().contiguous()
+        x = x.resolve_conj().resolve_neg()
         name = str(x.dtype).removeprefix("torch.")
         if name in TORCH_NATIVE:
-            arr = x.numpy()
+            arr = x.contiguous().numpy()
         else:
             raw = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}.get(x.element_size())
             if raw is None:
                 raise UnsupportedSampleError(f"{where}: tensor dtype {x.dtype} is not supported")
-            arr = x.view(raw).numpy()
+            # View as raw integers before copying: torch has no copy kernel for the
+            # sub-byte dtypes (int1..uint7), and complex32's warns it is experimental.
+            arr = x.view(raw).contiguous().numpy()
         self.add_array(b"P" + _U8.pack(len(name)) + name.encode(), arr, name, where)
 
     def add_array(self, tag: bytes, x: np.ndarray, torch_name: str | None, where: str) -> None:
@@ -261,8 +263,8 @@ def read_header(buf: Any) -> tuple[int, int, int]:
     if len(buf) < HEADER_SIZE:
         raise CorruptRecordError(f"record of {len(buf)} bytes is shorter than its header")
     magic, _flags, checksum, fp_id, layout_len = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise CorruptRecordError(f"bad record magic {bytes(magic)!r}")
+    if magic != MAGIC or _flags:
+        raise CorruptRecordError(f"bad record magic {bytes(magic)!r} or flags {_flags:#x}")
     return fp_id, checksum, layout_len
 
 
@@ -308,8 +310,8 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None) -> Any:
     # checks the record's length itself.
     try:
         magic, _flags, checksum, fp, layout_len = _unpack_header(buf, 0)
-        if magic != MAGIC:
-            raise LayoutError("bad record magic")
+        if magic != MAGIC or _flags:  # flags are reserved (0) and not checksummed
+            raise LayoutError("bad record magic or flags")
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
         if verify and _checksum(buf[16:]) != checksum:

@@ -119,6 +119,10 @@ def parse_dtype(raw: bytes) -> np.dtype:
             dt = np.dtype(s)
         if dt.hasobject:
             raise LayoutError("object dtype in a record")
+        if dt.itemsize == 0 and dt.kind in "SU":
+            # np.empty gives S0/U0 a real itemsize: a forged shape would allocate
+            # without bound. The codec never writes them (numpy holds no S0 arrays).
+            raise LayoutError("zero-size string dtype in a record")
         if len(_DTYPES) < 1024:
             _DTYPES[raw] = dt
     return dt
