@@ -144,3 +144,21 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 _RAW = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+
+
+def fill(path: str, indices, n: int = 200) -> None:
+    """Read ``indices`` through a cached ImageSource at ``path`` (a writer process)."""
+    from kvcache import LmdbCachedDataset
+
+    with LmdbCachedDataset(ImageSource(n), path, write_batch=16, lru_bytes=0) as ds:
+        for i in indices:
+            ds[i]
+
+
+def reader_slots(path: str) -> int:
+    """Reader-table slots in use at ``path`` (lines of env.readers() after its header)."""
+    from kvcache import open_cache
+
+    with open_cache(path) as view:
+        table = view.store.handle().env.readers()
+    return len([line for line in table.splitlines()[1:] if line.strip()])
