@@ -66,6 +66,7 @@ def test_f03_f04_three_epochs(tmp_path, ctx):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_f19_overlapping_writers(tmp_path):
     path = str(tmp_path / "c")
     ds = kvcache.LmdbCachedDataset(ArraySource(600), path, write_batch=16)
