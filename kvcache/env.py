@@ -290,6 +290,13 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     try:
         if e.lock:
             env.reader_check()
+            if env.max_readers() < max_readers:  # the first opener fixed the table size (p05c)
+                import warnings
+
+                warnings.warn(
+                    f"kvcache: {path}: the LMDB reader table has {env.max_readers()} slots, fewer "
+                    f"than the {max_readers} asked for (the first process to open the cache set it); "
+                    "more readers than that will get CacheBusyError", RuntimeWarning, stacklevel=2)
         if e.readonly:
             e.samples = env.open_db(b"samples", create=False)
             e.meta = env.open_db(b"meta", create=False)
