@@ -178,6 +178,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             self._len = length
         if e.readonly_reason and not self._args["readonly"] and src is not None:
             self._warn_once("readonly", f"kvcache: {e.readonly_reason}; misses are computed, not stored")
+            self._writer.disabled = e.readonly_reason  # buffering rows would only warn again
         if res.stale and res.reset:
             self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
         if self._lru is not None:
