@@ -14,8 +14,8 @@ PATTERN = b"KVCLITEST"  # marks every sample's payload, so tests can find record
 class Squares(torch.utils.data.Dataset):
     """``{'image': uint8[3,8,8], 'label': int, 'tag': bytes}``; deterministic per index."""
 
-    def __init__(self, n: int = 200, delay: float = 0.0) -> None:
-        self.n, self.delay = n, delay
+    def __init__(self, n: int = 200, delay: float = 0.0, offset: int = 0) -> None:
+        self.n, self.delay, self.offset = n, delay, offset
 
     def __len__(self) -> int:
         return self.n
@@ -23,7 +23,7 @@ class Squares(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.delay:
             time.sleep(self.delay)
-        img = np.full((3, 8, 8), i % 251, dtype=np.uint8)
+        img = np.full((3, 8, 8), (i + self.offset) % 251, dtype=np.uint8)
         return {"image": torch.from_numpy(img), "label": i, "tag": PATTERN + str(i).encode()}
 
 
@@ -33,6 +33,11 @@ def expected(i: int) -> dict:
 
 def small() -> Squares:
     return Squares(int(os.environ.get("KVTEST_N", "200")))
+
+
+def shifted() -> Squares:
+    """Same class and length as ``small()``, different samples (a changed data file)."""
+    return Squares(int(os.environ.get("KVTEST_N", "200")), offset=1)
 
 
 def slow() -> Squares:

@@ -99,7 +99,10 @@ def scan(path: str) -> dict:
             res["short_by"] = need - have  # reported if the walk below dies or fails
         fmt, cur, problem = _identity(env)
         if problem:
-            res["not_a_cache"] = True
+            if os.path.exists(os.path.join(path, "kvcache.lock")):
+                res["errors"].append("the info table (format, fingerprints) is missing or unreadable")
+            else:
+                res["not_a_cache"] = True
             return res
         res["current"] = cur
         samples = env.open_db(b"samples", create=False)
@@ -158,7 +161,7 @@ def scan(path: str) -> dict:
     return res
 
 
-def salvage(path: str, dest: str, skip: set[int]) -> dict:
+def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
     """Copy every good record (and the info rows) of ``path`` into a new env at ``dest``."""
     src = _open(path)
     out = lmdb.open(dest, subdir=True, create=True, max_dbs=4, map_size=max(src.info()["map_size"], 1 << 24))
@@ -172,14 +175,27 @@ def salvage(path: str, dest: str, skip: set[int]) -> dict:
                 otxn.put(bytes(k), bytes(v))
     except lmdb.Error as exc:
         _emit({"error": f"info: {exc}"})
+    length = None
+    try:
+        _fmt, cur, _problem = _identity(src)
+        length = (cur or {}).get("length")
+    except (lmdb.Error, ValueError):
+        pass
+    walked = 0
     for name in (b"meta", b"samples"):  # gather candidate keys; a broken walk stops early
+        if name.decode() in skip_walks:
+            continue
+        _emit({"walk": name.decode()})  # if we die now, the parent skips this walk next time
         try:
             db = src.open_db(name, create=False)
             with src.begin(db=db) as txn:
                 for k in txn.cursor().iternext(keys=True, values=False):
                     keys.add(bytes(k))
+            walked += 1
         except lmdb.Error as exc:
             _emit({"error": f"{name.decode()}: {exc}"})
+    if walked < 2 and length:  # a walk failed: probe every index the source has
+        keys.update(KEY.pack(i) for i in range(length))
     try:
         samples = src.open_db(b"samples", create=False)
     except lmdb.Error as exc:
@@ -217,6 +233,11 @@ def salvage(path: str, dest: str, skip: set[int]) -> dict:
         commit()
     with out.begin(write=True, db=o_info) as otxn:
         otxn.put(b"last_written", json.dumps(time.time()).encode())
+        if otxn.get(b"format") is None:  # the info rows were lost: still a cache of this format
+            from ..env import FORMAT_VERSION
+
+            otxn.put(b"format", json.dumps({"format": "kvcache", "version": FORMAT_VERSION,
+                                            "codec": codec.CODEC_VERSION, "created": time.time()}).encode())
     out.sync(True)
     out.close()
     src.close()
@@ -226,7 +247,8 @@ def salvage(path: str, dest: str, skip: set[int]) -> dict:
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[1] == "--salvage":
         skip = set(json.loads(argv[3])) if len(argv) > 3 else set()
-        _emit({"result": salvage(argv[0], argv[2], skip)})
+        skip_walks = set(json.loads(argv[4])) if len(argv) > 4 else set()
+        _emit({"result": salvage(argv[0], argv[2], skip, skip_walks)})
     else:
         _emit({"result": scan(argv[0])})
     return 0

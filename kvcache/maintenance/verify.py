@@ -9,10 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import CacheCorruptError, NotACacheError
+from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ._common import exclusive, open_raw, sibling_dir, swap_in
 from .spec import Progress, load_spec, progress_callback
 
@@ -47,19 +48,35 @@ class VerifyReport:
     after: "VerifyReport | None" = None
 
 
-def _run_child(args: list[str], on_line: Callable[[dict], None], timeout: float | None = None) -> tuple[int, str]:
-    env = dict(os.environ, PYTHONFAULTHANDLER="0")
-    proc = subprocess.Popen([sys.executable, "-m", "kvcache.maintenance._scan", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            on_line(json.loads(line))
-        except ValueError:
-            continue
-    err = proc.stderr.read() if proc.stderr else ""
-    rc = proc.wait(timeout)
-    return rc, err
+# Run _scan without executing kvcache/__init__ (which imports torch: seconds per child).
+_BOOT = """
+import sys, types
+d = sys.argv.pop(1)
+for name, p in (("kvcache", d), ("kvcache.maintenance", d + "/maintenance")):
+    m = types.ModuleType(name)
+    m.__path__ = [p]
+    sys.modules[name] = m
+from kvcache.maintenance._scan import main
+sys.exit(main(sys.argv[1:]))
+"""
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_child(args: list[str], on_line: Callable[[dict], None]) -> tuple[int, str]:
+    """Run ``_scan`` with ``args``; feed its JSON lines to ``on_line``; return (rc, stderr)."""
+    with tempfile.TemporaryFile(mode="w+") as err, subprocess.Popen(
+            [sys.executable, "-c", _BOOT, _PKG, *args],
+            stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            on_line(msg)
+        rc = proc.wait()
+        err.seek(0)
+        return rc, err.read()[-4000:]
 
 
 def _signame(rc: int) -> str:
@@ -136,7 +153,21 @@ def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int) -> None:
 def _salvage(path: str) -> int:
     """Copy every readable good record into a fresh environment and swap it in."""
     tmp = sibling_dir(path, "repair")
+    # Read from a copy padded to the length its meta page claims: a page past the end of
+    # a truncated file then reads as zeros (an LMDB error or abort, handled per key below)
+    # instead of SIGBUS on every walk.
+    src = sibling_dir(path, "salvage")
+    shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(src, "data.mdb"))
+    try:
+        env = open_raw(src)
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        env.close()
+        if os.path.getsize(os.path.join(src, "data.mdb")) < need:
+            os.truncate(os.path.join(src, "data.mdb"), need)
+    except KvCacheError:
+        pass  # the salvage child reports what it can
     skip: set[int] = set()
+    skip_walks: set[str] = set()
     state: dict[str, Any] = {}
     try:
         for _ in range(MAX_SALVAGE_RESTARTS):
@@ -145,12 +176,18 @@ def _salvage(path: str) -> int:
             def on_line(msg: dict) -> None:
                 if "try" in msg:
                     state["last"] = msg["try"]
+                elif "walk" in msg:
+                    state["walk"] = msg["walk"]
                 elif "result" in msg:
                     state["result"] = msg["result"]
 
-            rc, err = _run_child([path, "--salvage", tmp, json.dumps(sorted(skip))], on_line)
+            rc, err = _run_child([src, "--salvage", tmp, json.dumps(sorted(skip)),
+                                  json.dumps(sorted(skip_walks))], on_line)
             if "result" in state:
                 break
+            if rc < 0 and "walk" in state and "last" not in state:
+                skip_walks.add(state["walk"])  # walking this database kills the reader
+                continue
             if rc < 0 and "last" in state:
                 skip.add(state["last"])  # this key's pages kill the reader: leave it behind
                 continue
@@ -163,6 +200,7 @@ def _salvage(path: str) -> int:
         return state["result"]["copied"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
 
 
 def _remove(path: str, indices: list[int]) -> int:
