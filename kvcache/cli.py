@@ -192,7 +192,7 @@ def _verify_text(r: m.VerifyReport) -> str:
                      + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else ""))
     if r.repaired:
         how = (f"salvaged {r.salvaged:,} good records into a fresh file" if r.salvaged is not None
-               else f"removed {r.removed} records and rows")
+               else f"deleted {r.removed} rows (records and their metadata)")
         lines.append(f"repair: {how}; verified again: {'ok' if r.ok else 'still damaged'}")
         if r.after is not None and not r.ok:
             lines.append(_verify_text(r.after))

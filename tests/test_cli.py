@@ -141,7 +141,7 @@ def test_verify_finds_and_repairs_corrupted_value_bytes(cache):
     assert j["bad"] == [17] and j["ok"] is False and "checksum" in j["reasons"]["17"]
     r = run_cli("verify", "--repair", cache, console=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "removed 2 records and rows" in r.stdout
+    assert "deleted 2 rows (records and their metadata)" in r.stdout
     rep = verify(cache)
     assert rep.ok and rep.checked == 199
     with open_cache(cache) as v:
@@ -161,6 +161,7 @@ def test_verify_reports_orphan_rows(cache):
     assert rep.repaired and rep.ok and rep.after is not None and rep.after.checked == 198
 
 
+@pytest.mark.slow  # several CLI subprocesses (each imports torch)
 def test_verify_structural_damage_is_reported_and_salvaged(cache):
     data = os.path.join(cache, "data.mdb")
     with open(data, "r+b") as f:  # page header: pgno u64, pad u16, flags u16: make it a "branch"
@@ -181,6 +182,7 @@ def test_verify_structural_damage_is_reported_and_salvaged(cache):
             assert H.same(v.get(i), H.expected(i))
 
 
+@pytest.mark.slow  # several CLI subprocesses (each imports torch)
 def test_verify_truncated_file(tmp_path):
     path = str(tmp_path / "c")
     os.environ["KVTEST_N"] = "2000"
@@ -275,6 +277,7 @@ def test_build_from_file_spec(tmp_path):
     assert "computed 30" in r.stdout and "items/s" in r.stdout
 
 
+@pytest.mark.slow  # several CLI subprocesses (each imports torch)
 def test_interrupted_build_resumes(tmp_path):
     path = str(tmp_path / "c")
     proc = subprocess.Popen([sys.executable, "-m", "kvcache", "build", "_cli_helpers:slow", path],
@@ -371,3 +374,22 @@ def test_spot_check_catches_changed_source(cache):
     assert r.exit_code == 0 and "5 recomputed, 0 differ" in r.output
     r = invoke("verify", cache, "--spot-check", "5", "--source", "_cli_helpers:shifted")
     assert r.exit_code == 1 and "5 recomputed, 5 differ" in r.output
+
+
+@pytest.mark.slow
+def test_scale_50k(tmp_path):
+    """Every command on a 50,000-sample cache (CIFAR-sized images)."""
+    path = str(tmp_path / "big")
+    os.environ["KVTEST_N"] = "50000"
+    try:
+        rep = build("_cli_helpers:small", path, workers=2)
+    finally:
+        del os.environ["KVTEST_N"]
+    assert rep.computed == 50000
+    ins = inspect_cache(path)
+    assert ins.current_entries == 50000 and "image: uint8[3,8,8] x 50000" in [str(x) for x in ins.leaves]
+    v = verify(path)
+    assert v.ok and v.checked == 50000
+    assert get_sample(path, 49999).leaves[1].value == 49999
+    c = compact(path)
+    assert c.bytes_after <= c.bytes_before and verify(path).ok
