@@ -16,6 +16,7 @@ print(json.dumps({"pids": [int(r[0]) for r in rows]}))
 """
 
 
+@pytest.mark.slow
 def test_f02_killed_worker(tmp_path):
     path = str(tmp_path / "c")
     build(path, n=200, size=1024)

@@ -27,7 +27,7 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.parametrize("which", ["older", "newer", "both", "garbage_body"])
+@pytest.mark.parametrize("which", ["older", *(pytest.param(w, marks=pytest.mark.slow) for w in ("newer", "both", "garbage_body"))])
 def test_f13_meta_damage_refused_without_change(cache, which):
     ms = sorted(metas(cache), key=lambda m: m["txnid"])
     if which in ("older", "both"):

@@ -8,7 +8,7 @@ from _fault_helpers import PSIZE, check_child, run_child, snapshot
 from test_f13_meta_corruption import OPEN
 
 
-@pytest.mark.parametrize("cut", ["8_pages", "half", "2_pages", "1_page"])
+@pytest.mark.parametrize("cut", ["8_pages", *(pytest.param(c, marks=pytest.mark.slow) for c in ("half", "2_pages", "1_page"))])
 def test_f15_truncated_refused(big_cache, cut):
     p = os.path.join(big_cache, "data.mdb")
     size = os.path.getsize(p)
