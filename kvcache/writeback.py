@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+import weakref
 from multiprocessing.util import Finalize
 from typing import Any
 
@@ -60,6 +61,7 @@ class Writer:
                 self.rows, self.nbytes = {}, 0  # the parent's rows are the parent's to write
             self._pid = pid
             self._finalizer = Finalize(self, Writer._flush_at_exit, args=(self.__dict__,), exitpriority=20)
+            _LIVE.add(self)
         if not self.rows:
             self.oldest = time.monotonic()
         self.rows[index] = (record, meta)
@@ -125,3 +127,22 @@ class Writer:
             state["stats"].writes += n
         except KvCacheError:
             state["stats"].write_errors += len(rows)
+
+
+# Writers holding rows in this process. Before a fork they are flushed, so a forked
+# DataLoader worker never inherits (and serves, but never writes) the parent's rows:
+# after one epoch every index the workers returned is in the cache.
+_LIVE: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+
+
+def _flush_before_fork() -> None:
+    pid = os.getpid()
+    for w in list(_LIVE):
+        if w.rows and w._pid == pid:
+            try:
+                w.flush()
+            except Exception:  # never let a fork fail because of write-back
+                pass
+
+
+os.register_at_fork(before=_flush_before_fork)
