@@ -68,7 +68,7 @@ class CacheView:
         return CacheInfo(
             path=self.path, format_version=fmt.get("version"), codec_version=fmt.get("codec"),
             fingerprint=fp, fingerprints=fps, entries=entries, total_bytes=total,
-            file_bytes=(envinfo["last_pgno"] + 1) * e.env.stat()["psize"], map_size=envinfo["map_size"],
+            file_bytes=(envinfo["last_pgno"] + 1) * e.env.stat()["psize"], map_size=max(envinfo["map_size"], int(items.get("map_size") or 0)),
             source_length=cur.get("length") if cur else None, created=fmt.get("created"),
             last_written=items.get("last_written"),
         )
