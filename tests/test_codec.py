@@ -180,11 +180,12 @@ def _as_numpy(v):
     """What np.load must give for an array leaf: the C-order array (a tensor of a dtype
     numpy lacks is stored as the unsigned integer of its width)."""
     if isinstance(v, torch.Tensor):
-        v = v.detach().contiguous()
+        v = v.detach()
         name = str(v.dtype).removeprefix("torch.")
         if name not in layout.TORCH_NATIVE:
+            # view first: complex32 / sub-byte dtypes have no copy kernel (or warn)
             v = v.view(_RAW_T[v.element_size()])
-        return v.numpy()
+        return v.contiguous().numpy()
     return np.ascontiguousarray(v) if v.ndim else v
 
 
