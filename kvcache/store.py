@@ -223,6 +223,20 @@ class Store:
             raise translate(exc, self.path) from None
 
 
+def _near_fsize_limit(path: str) -> bool:
+    """Whether this process's RLIMIT_FSIZE is what stopped a write to ``data.mdb``
+    (LMDB reports that as EIO on commit, like a full disk)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return False
+        return os.path.getsize(os.path.join(path, "data.mdb")) + (64 << 20) >= soft
+    except (OSError, ImportError, ValueError):
+        return False
+
+
 def translate(exc: lmdb.Error, path: str) -> KvCacheError:
     """The kvcache error for an ``lmdb.Error`` met at ``path``."""
     if isinstance(exc, lmdb.MapFullError):
@@ -230,12 +244,17 @@ def translate(exc: lmdb.Error, path: str) -> KvCacheError:
     if is_readonly_error(exc):
         return CacheReadOnlyError(f"{path}: not writable ({exc})")
     code = errno_of(exc)
-    if code in (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if code == errno.EFBIG:
+        return CacheWriteError(code, f"{path}: file size limit reached while writing the cache ({exc}; "
+                                     "RLIMIT_FSIZE / `ulimit -f`, or the filesystem's largest file)")
+    if code in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
         try:
             free = shutil.disk_usage(path).free
         except OSError:
             free = -1
         cause = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < (64 << 20) else "I/O error"
+        if cause == "I/O error" and _near_fsize_limit(path):
+            cause = "file size limit (RLIMIT_FSIZE / `ulimit -f`)"
         return CacheWriteError(code, f"{path}: {cause} while writing the cache ({exc}; {free} bytes free)")
     if isinstance(exc, lmdb.ReadersFullError):
         return CacheBusyError(f"{path}: LMDB reader table full ({exc})")

@@ -81,18 +81,21 @@ class Writer:
         if not self.rows:
             return 0
         rows, self.rows, self.nbytes = self.rows, {}, 0
-        if self.disabled or self.fp_id is None or time.monotonic() < self.retry_at:
-            self.stats.write_errors += len(rows) if self.disabled else 0
+        if self.fp_id is None:
+            return 0
+        if self.disabled or time.monotonic() < self.retry_at:
+            # dropped: write-back is off, or backing off after a disk-full / I/O failure
+            self.stats.write_errors += len(rows)
             return 0
         try:
             n = self.store.write_records(((i, r, m) for i, (r, m) in rows.items()), self.fp_id)
-        except CacheReadOnlyError as exc:
-            self._fail(exc, len(rows), permanent=True)
-            return 0
-        except CacheFullError as exc:
+        except (CacheReadOnlyError, CacheFullError) as exc:
             self._fail(exc, len(rows), permanent=True)
             return 0
         except CacheWriteError as exc:
+            self._fail(exc, len(rows), permanent=False)
+            return 0
+        except KvCacheError as exc:  # e.g. CacheCorruptError met while writing: degrade
             self._fail(exc, len(rows), permanent=False)
             return 0
         self.stats.writes += n
@@ -104,8 +107,9 @@ class Writer:
             self.disabled = str(exc)
         else:
             self.retry_at = time.monotonic() + RETRY_AFTER
-        if type(exc) not in self.warned:
-            self.warned.add(type(exc))
+        kind = type(exc)
+        if kind not in self.warned:
+            self.warned.add(kind)
             how = "write-back is off for this process" if permanent else f"retrying in {RETRY_AFTER:.0f}s"
             warnings.warn(f"kvcache: {exc}; samples keep coming from the source, {how}",
                           RuntimeWarning, stacklevel=4)
@@ -122,6 +126,9 @@ class Writer:
             return
         store, fp_id = state["store"], state["fp_id"]
         state["rows"] = {}
+        if state.get("disabled") or fp_id is None or time.monotonic() < state.get("retry_at", 0.0):
+            state["stats"].write_errors += len(rows)
+            return
         try:
             n = store.write_records(((i, r, m) for i, (r, m) in rows.items()), fp_id)
             state["stats"].writes += n
