@@ -227,28 +227,158 @@ def _npy_header(dt: np.dtype, shape: tuple) -> bytes:
     return h
 
 
+class _Slow(Exception):
+    """The fast encoder met something it does not handle: rerun the full encoder."""
+
+
+# (dtype, shape) -> (layout fragment after the tag, npy header), for arrays the fast
+# encoder has seen (dtype and shape already checked by the full encoder's rules).
+_ARRAY_FRAGS: dict[tuple, tuple[bytes, bytes]] = {}
+_TORCH_TAGS: dict[Any, bytes] = {}  # torch dtype -> b"P" + name (native dtypes only)
+_I64_pack, _U32_pack = _I64.pack, _U32.pack
+_LARGE = 64 << 10  # records above this are joined into a bytearray (see encode)
+
+
+def _array_frag(x: np.ndarray) -> tuple[bytes, bytes]:
+    key = (x.dtype, x.shape)
+    frag = _ARRAY_FRAGS.get(key)
+    if frag is None:
+        dt = x.dtype
+        if dt.hasobject or x.ndim > MAX_NDIM:
+            raise _Slow
+        try:
+            desc = _dtype_to_str(dt)
+        except UnsupportedSampleError:
+            raise _Slow from None
+        shape = x.shape
+        header = _npy_header(dt, shape)
+        frag = (_U8.pack(len(desc)) + desc + _U8.pack(len(shape))
+                + b"".join(_U64.pack(d) for d in shape) + _U32.pack(len(header)), header)
+        if len(_ARRAY_FRAGS) >= 4096:
+            _ARRAY_FRAGS.clear()
+        _ARRAY_FRAGS[key] = frag
+    return frag
+
+
+def _fast(x: Any, lay: list, parts: list, depth: int) -> int:
+    """The common sample types, with no path bookkeeping: anything unusual (or any
+    error) raises ``_Slow`` and the full encoder reruns to encode it or name the place.
+    Returns the bytes of array data appended (to pick how to join the record)."""
+    t = type(x)
+    if t is np.ndarray:
+        frag, header = _array_frag(x)
+        if not x.flags.c_contiguous:
+            x = x.copy(order="C")
+        lay.append(b"A" + frag)
+        parts.append(header)
+        n = x.nbytes
+        if n:
+            parts.append(x)
+        return n
+    n = 0
+    if t is int:
+        if not _INT64_MIN <= x <= _INT64_MAX:
+            raise _Slow
+        lay.append(b"i")
+        parts.append(_I64_pack(x))
+    elif t is tuple or t is list:
+        if depth >= MAX_DEPTH:
+            raise _Slow
+        lay.append((b"t" if t is tuple else b"l") + _U32_pack(len(x)))
+        for v in x:
+            n += _fast(v, lay, parts, depth + 1)
+    elif t is dict:
+        if depth >= MAX_DEPTH:
+            raise _Slow
+        lay.append(b"d" + _U32_pack(len(x)))
+        for k, v in x.items():
+            if type(k) is not str:
+                raise _Slow
+            kb = k.encode("utf-8", "surrogatepass")
+            if len(kb) > 0xFFFF:
+                raise _Slow
+            lay.append(_U16.pack(len(kb)) + kb)
+            n += _fast(v, lay, parts, depth + 1)
+    elif t is float:
+        lay.append(b"f")
+        parts.append(_F64.pack(x))
+    elif t is bool:
+        lay.append(b"b")
+        parts.append(b"\x01" if x else b"\x00")
+    elif x is None:
+        lay.append(b"n")
+    elif t is str:
+        raw = x.encode("utf-8", "surrogatepass")
+        lay.append(b"s")
+        parts.append(_U32_pack(len(raw)))
+        parts.append(raw)
+    elif t is bytes:
+        lay.append(b"y")
+        parts.append(_U32_pack(len(x)))
+        parts.append(x)
+    else:
+        torch = sys.modules.get("torch")
+        if torch is None or t is not torch.Tensor:
+            raise _Slow
+        tag = _TORCH_TAGS.get(x.dtype)
+        if tag is None:
+            name = str(x.dtype).removeprefix("torch.")
+            if name not in TORCH_NATIVE:
+                raise _Slow
+            tag = _TORCH_TAGS[x.dtype] = b"P" + _U8.pack(len(name)) + name.encode()
+        if x.layout is not torch.strided or x.device.type != "cpu":
+            raise _Slow
+        try:
+            # Refuses (RuntimeError / TypeError) tensors needing grad, conj or neg bits.
+            a = x.numpy()
+        except Exception:
+            raise _Slow from None
+        frag, header = _array_frag(a)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")
+        lay.append(tag + frag)
+        parts.append(header)
+        n = a.nbytes
+        if n:
+            parts.append(a)
+    return n
+
+
 def encode(sample: Any, fp_id: int) -> tuple[bytes, bytes, int]:
     """Encode ``sample`` into a record.
 
-    Returns ``(record, layout, checksum)``: the record bytes to store, the layout (the
-    sample's structure, kept in the metadata row too) and the record's checksum.
+    Returns ``(record, layout, checksum)``: the record (``bytes``, or a ``bytearray``
+    for records over 64 KiB, which avoids a second copy of the payload), the layout
+    (the sample's structure, kept in the metadata row too) and the record's checksum.
 
     Raises:
         UnsupportedSampleError: the sample holds a value the codec cannot store; the
             message names where it is (``sample[1]['meta']: Foo``).
     """
-    enc = _Encoder()
-    enc.add(sample, "sample", 0)
-    layout = b"".join(enc.layout)
-    h = xxhash.xxh3_64()
-    tail = struct.pack("<II", fp_id, len(layout))
-    h.update(tail)
-    h.update(layout)
-    for p in enc.parts:
-        h.update(p)
-    checksum = h.intdigest()
-    record = b"".join([HEADER.pack(MAGIC, 0, checksum, fp_id, len(layout)), layout, *enc.parts])
+    lay: list[bytes] = []
+    parts: list[Any] = []
+    try:
+        size = _fast(sample, lay, parts, 0)
+    except _Slow:
+        enc = _Encoder()
+        enc.add(sample, "sample", 0)
+        lay, parts = enc.layout, enc.parts
+        size = sum(memoryview(p).nbytes for p in parts)
+    layout = b"".join(lay)
+    tail = _TAIL.pack(fp_id, len(layout))
+    if size < _LARGE:
+        body = b"".join([tail, layout, *parts])
+        checksum = _checksum(body)
+        return b"".join([_PREFIX.pack(MAGIC, 0, checksum), body]), layout, checksum
+    # One copy of a large payload: join into a bytearray, hash it in place.
+    record = bytearray().join([_PREFIX.pack(MAGIC, 0, 0), tail, layout, *parts])
+    checksum = _checksum(memoryview(record)[16:])
+    _PREFIX.pack_into(record, 0, MAGIC, 0, checksum)
     return record, layout, checksum
+
+
+_PREFIX = struct.Struct("<4sIQ")
+_TAIL = struct.Struct("<II")
 
 
 # --------------------------------------------------------------------------- decode
