@@ -189,13 +189,18 @@ def _verify_text(r: m.VerifyReport) -> str:
         lines.append(f"orphan rows ({len(r.orphans)}): {_list(r.orphans)}")
     if r.spot_checked:
         lines.append(f"spot check: {r.spot_checked} recomputed, {len(r.spot_mismatches)} differ"
-                     + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else ""))
+                     + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else "")
+                     + (f"; replaced {r.spot_repaired} with the recomputed samples" if r.spot_repaired else ""))
     if r.repaired:
         how = (f"salvaged {r.salvaged:,} good records into a fresh file" if r.salvaged is not None
+               else f"replaced {r.spot_repaired} records" if r.spot_mismatches
                else f"deleted {r.removed} rows (records and their metadata)")
         lines.append(f"repair: {how}; verified again: {'ok' if r.ok else 'still damaged'}")
         if r.after is not None and not r.ok:
             lines.append(_verify_text(r.after))
+    elif r.spot_mismatches and not (r.bad or r.orphans or r.errors or r.signal):
+        lines.append("the source no longer produces what the cache holds; add --repair to replace "
+                     "the mismatched records (or bump version= and rebuild)")
     elif not r.ok:
         lines.append(f"problems found; `kvcache verify --repair {r.path}` removes them")
     if r.ok and not r.repaired:

@@ -18,11 +18,14 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Any
 
 import lmdb
 
-from .. import codec
+import numpy as np
+
+from .. import codec, layout
 from ..errors import CorruptRecordError
 from ..store import KEY, META_ROW
 
@@ -59,13 +62,48 @@ def _identity(env: Any) -> tuple[dict | None, dict | None, str | None]:
     return json.loads(fmt), (json.loads(cur) if cur else None), None
 
 
+# Storage widths of the torch dtypes numpy lacks (every other one is layout.TORCH_NATIVE).
+_NON_NATIVE = {"bfloat16": 2, "complex32": 4, "bits16": 2, **dict.fromkeys((
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float4_e2m1fn_x2", "bits8", "bits1x8", "bits2x4", "bits4x2",
+    *(f"int{b}" for b in range(1, 8)), *(f"uint{b}" for b in range(1, 8))), 1)}
+
+
+def _numpy_torch() -> Any:
+    """A stand-in for torch while decoding here: tensor leaves decode as numpy arrays.
+
+    The scan checks bytes, not tensors, and importing torch costs a second per child. A
+    dtype name missing here makes :func:`_decodes` retry with the real torch.
+    """
+    ns = types.SimpleNamespace(dtype=np.dtype, from_numpy=lambda a: a)
+    for name in layout.TORCH_NATIVE:
+        setattr(ns, name, np.dtype(name))
+    for name, size in _NON_NATIVE.items():
+        setattr(ns, name, layout.RAW_BY_SIZE[size])
+    return ns
+
+
+def _decodes(raw: Any) -> None:
+    """Decode ``raw`` (raises CorruptRecordError), without torch when the layout allows."""
+    if layout._torch is None:
+        layout._torch = _numpy_torch()
+    try:
+        codec.decode(raw, False)
+    except CorruptRecordError as exc:
+        if "unknown torch dtype" not in str(exc) or isinstance(layout._torch, types.ModuleType):
+            raise
+        layout._torch = None  # a dtype the stand-in lacks: use torch from now on
+        layout.import_torch()
+        codec.decode(raw, False)
+
+
 def _check_record(raw: Any, meta: bytes | None) -> str | None:
     """Why the record is bad, or None."""
     if not codec.checksum_ok(raw):
         return "checksum mismatch"
     try:
         fp, checksum, _ = codec.read_header(raw)
-        codec.decode(raw, False)
+        _decodes(raw)
     except CorruptRecordError as exc:
         return str(exc)
     if meta is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -45,6 +44,7 @@ class VerifyReport:
     salvaged: int | None = None  # records copied into a fresh file when the file was broken
     spot_checked: int = 0
     spot_mismatches: list[int] = field(default_factory=list)
+    spot_repaired: int = 0  # mismatched records replaced by the recomputed ones (--repair)
     after: "VerifyReport | None" = None
 
 
@@ -122,31 +122,17 @@ def _scan(path: str, progress: Progress | None) -> VerifyReport:
     return rep
 
 
-def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int) -> None:
-    from .. import codec
-    from ..catalog import current
-    from ..store import KEY, META_ROW, Store
+def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: bool) -> None:
+    """Recompute ``n`` cached samples with :func:`kvcache.integrity.spot_check`."""
+    from ..dataset import LmdbCachedDataset  # torch lives there; keep this module light
+    from ..integrity import spot_check
 
-    source = load_spec(source_spec)
-    with Store(path, readonly=True, create=False) as store:
-        cur = current(store)
-        if cur is None:
-            rep.errors.append("spot check: the cache has no current fingerprint")
-            return
-        e = store.handle()
-        with store.begin(e.meta) as txn:
-            have = [KEY.unpack(bytes(k))[0] for k, v in txn.cursor()
-                    if len(v) >= META_ROW.size and META_ROW.unpack_from(v, 0)[0] == cur["id"]]
-        picks = random.Random().sample(have, min(n, len(have)))
-        for i in picks:
-            with store.begin(e.meta) as txn:
-                stored = META_ROW.unpack_from(bytes(txn.get(KEY.pack(i))), 0)[1]
-            _rec, _lay, checksum = codec.encode(source[i], cur["id"])
-            rep.spot_checked += 1
-            if checksum != stored:
-                rep.spot_mismatches.append(i)
-    rep.spot_mismatches.sort()
-    if rep.spot_mismatches:
+    # on_stale="error": a source of another fingerprint is refused, naming what differs
+    with LmdbCachedDataset(load_spec(source_spec), path, on_stale="error", readonly=not repair,
+                           lru_bytes=0) as ds:
+        sc = spot_check(ds, n, repair=repair)
+    rep.spot_checked, rep.spot_mismatches, rep.spot_repaired = sc.checked, sc.mismatched, sc.repaired
+    if sc.mismatched:
         rep.ok = False
 
 
@@ -233,7 +219,9 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
             every readable good record into a fresh file and swap it in. Needs the cache
             to itself (takes ``kvcache.lock`` exclusively); verifies again afterwards.
         spot_check: recompute this many random cached samples from ``source`` (a
-            ``module:callable`` spec) and compare checksums: catches a changed source.
+            ``module:callable`` spec) and compare checksums with
+            :func:`kvcache.integrity.spot_check`: catches a changed source. With
+            ``repair``, each mismatched record is replaced by the recomputed one.
         progress: True for a progress line on stderr, or a callable ``(done, total)``.
 
     Raises:
@@ -247,16 +235,19 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
         raise ValueError("spot_check needs source= (a module:callable spec)")
     rep = _scan(path, progress_callback(progress, "verify"))
     if rep.ok and spot_check:
-        _spot_check(rep, path, source, spot_check)  # type: ignore[arg-type]
+        _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
     if not repair or rep.ok:
         return rep
-    with exclusive(path, "repair"):
-        if rep.signal or rep.errors:
-            rep.salvaged = _salvage(path)
-            rep.removed = max(rep.entries - rep.salvaged, 0)
-        else:
-            rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans) | set(rep.spot_mismatches)))
-        rep.repaired = True
+    if rep.spot_mismatches:  # the spot check replaced them; the scan below checks the result
+        rep.repaired = bool(rep.spot_repaired)
+    else:
+        with exclusive(path, "repair"):
+            if rep.signal or rep.errors:
+                rep.salvaged = _salvage(path)
+                rep.removed = max(rep.entries - rep.salvaged, 0)
+            else:
+                rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)))
+            rep.repaired = True
     rep.after = _scan(path, None)
-    rep.ok = rep.after.ok
+    rep.ok = rep.after.ok and rep.spot_repaired == len(rep.spot_mismatches)
     return rep
