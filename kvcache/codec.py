@@ -418,6 +418,8 @@ _DECODE_ERRORS = (
 
 
 _unpack_header = HEADER.unpack_from
+_unpack_head = struct.Struct("<QQII").unpack_from  # magic and flags read as one integer
+_HEAD = int.from_bytes(MAGIC + bytes(4), "little")
 _plans = _PLANS
 
 
@@ -436,19 +438,24 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None) -> Any:
         StaleRecord: the record's fingerprint id is not ``fp_id``.
     """
     # The hot path of every cached read: keep it to a handful of C calls. The plan is
-    # found by the layout's bytes (one copy of a few dozen bytes and a dict lookup) and
-    # checks the record's length itself.
+    # found by the layout's bytes (a dict lookup) and checks the record's length itself.
     try:
-        magic, _flags, checksum, fp, layout_len = _unpack_header(buf, 0)
-        if magic != MAGIC or _flags:  # flags are reserved (0) and not checksummed
+        head, checksum, fp, layout_len = _unpack_head(buf, 0)
+        if head != _HEAD:  # magic, and the flags: reserved (0) and not checksummed
             raise LayoutError("bad record magic or flags")
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
         if verify and _checksum(buf[16:]) != checksum:
             raise CorruptRecordError("checksum mismatch")
         body = 24 + layout_len
-        lay = bytes(buf[24:body])
-        return (_plans.get(lay) or plan_for(lay))(buf, body)
+        lay = buf[24:body]
+        try:
+            # A read-only memoryview (what LMDB hands out) hashes and compares as its
+            # bytes, so the plan is found without copying the layout out.
+            plan = _plans[lay]
+        except (KeyError, TypeError, ValueError):  # a new layout, or an unhashable buffer
+            plan = plan_for(bytes(lay))
+        return plan(buf, body)
     except (CorruptRecordError, StaleRecord):
         raise
     except _DECODE_ERRORS as exc:

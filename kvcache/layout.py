@@ -354,11 +354,12 @@ class _Gen:
         if kind == "array":
             _, dt, shape, count, hlen, nbytes, tname = node
             self.off += hlen
-            if nbytes:
-                expr = f"_fb(buf, {self.const(dt)}, {count}, {self.at()})"
-                if len(shape) != 1:
-                    expr += f".reshape({self.const(shape)})"
-                expr += ".copy()"
+            if nbytes and len(shape) == 1:
+                expr = f"_fb(buf, {self.const(dt)}, {count}, {self.at()}).copy()"
+            elif nbytes:
+                # ndarray(shape, dtype, buffer, offset): one call instead of
+                # frombuffer + reshape, and it refuses to read past the buffer too.
+                expr = f"_nd({self.const(shape)}, {self.const(dt)}, buf, {self.at()}).copy()"
             else:
                 expr = f"_empty({self.const(shape)}, {self.const(dt)})"
             if tname:
@@ -378,7 +379,7 @@ class _Gen:
 
 _GLOBALS = {
     "_i64": I64.unpack_from, "_f64": F64.unpack_from, "_bool": _BOOL, "_fb": np.frombuffer,
-    "_empty": np.empty, "_str": _str, "_sized": _sized, "_bigint": _bigint, "_LE": LayoutError,
+    "_empty": np.empty, "_nd": np.ndarray, "_str": _str, "_sized": _sized, "_bigint": _bigint, "_LE": LayoutError,
 }
 
 
