@@ -85,7 +85,10 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         on_stale: when the cache was filled by a different fingerprint: ``"recompute"``
             (old records are never served; they are recomputed as read), ``"reset"``
             (start empty) or ``"error"`` (raise StaleCacheError naming what changed).
-        lru_bytes: the per-process LRU's size in bytes (0 turns it off).
+        lru_bytes: the per-process LRU's size in bytes (0, the default, turns it off).
+            A hit saves ~1.5 µs of a ~3-5 µs read, a miss costs a copy: it pays only
+            when at least ~40-60% of a process's reads hit, i.e. when the samples each
+            process re-reads fit in it. Records over 16 KiB never enter it.
         verify: check every record's checksum on read.
         readonly: never write (misses are computed and returned, not stored).
         map_size: the initial LMDB map size; it grows by doubling on demand.
@@ -104,7 +107,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: Any, path: str | os.PathLike, *, version: str | int | None = None,
                  fingerprint: str | None = None, on_stale: str = "recompute",
-                 lru_bytes: int = 64 << 20, verify: bool = True, readonly: bool = False,
+                 lru_bytes: int = 0, verify: bool = True, readonly: bool = False,
                  map_size: int | None = None, max_map_size: int | None = None,
                  readahead: bool = False, max_sample_bytes: int = 1 << 30,
                  write_batch: int = 256, spot_check: int = 0) -> None:
@@ -243,7 +246,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             else:
                 if value is not _STALE:
                     self._stats.hits += 1
-                    if lru is not None:
+                    if lru is not None and len(buf) <= lru.max_item:
                         lru.put(i, bytes(buf))
         finally:
             txn.abort()
@@ -283,7 +286,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                 else:
                     if v is not _STALE:
                         hits += 1
-                        if lru is not None:
+                        if lru is not None and len(buf) <= lru.max_item:
                             lru.put(i, bytes(buf))
                 if v is _STALE:
                     todo.append(len(out))
@@ -314,7 +317,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             return self._damaged(i, exc)
         self._stats.hits += 1
         lru = self._lru
-        if lru is not None:
+        if lru is not None and len(buf) <= lru.max_item:
             lru.put(i, bytes(buf))
         return value
 

@@ -62,7 +62,7 @@ def test_first_access_computes_then_hits(path, tmp_path):
         assert (st.misses, st.hits, st.lru_hits) == (N, N, 0)
     assert counts(log) == {i: 1 for i in range(N)}
     # A new dataset (a new run) reads everything from the cache.
-    with LmdbCachedDataset(src, path) as ds:
+    with LmdbCachedDataset(src, path, lru_bytes=1 << 20) as ds:
         got = [ds[i] for i in range(N)]
         assert all(same(g, src.inner[i]) for i, g in enumerate(got))
         assert ds.stats().hits == N and ds.stats().misses == 0
