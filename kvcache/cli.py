@@ -1,7 +1,8 @@
 """The ``kvcache`` command: a thin click layer over :mod:`kvcache.maintenance`.
 
 Exit codes: 0 ok; 1 problems found (bad records, a busy or damaged cache, any other
-kvcache error); 2 usage error or a path that is not a cache (or of another format).
+kvcache error); 2 usage error or a path that is not a cache (or of another format);
+130 a build interrupted by Ctrl-C.
 Every reporting command takes ``--json``. A kvcache error is one line on stderr.
 """
 
@@ -46,6 +47,16 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
+def _reporting(fn: Callable) -> Callable:
+    """``--json`` and the error guard: what every reporting command has."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(_guard(fn))
+
+
+def _path_command(name: str) -> Callable[[Callable], Any]:
+    """A reporting command whose one argument is the cache's PATH."""
+    return lambda fn: cli.command(name)(click.argument("path", type=click.Path())(_reporting(fn)))
+
+
 def _json(report: Any, **extra: Any) -> None:
     d = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
     d.update(extra)
@@ -70,8 +81,8 @@ class _Bar:
                                          item_show_func=lambda _x: self._rate())
             self.bar.__enter__()
             self.t0 = time.perf_counter()
-        self.bar.update(done - self.shown)
-        self.shown = done
+        step, self.shown = done - self.shown, done  # the rate shown below reads self.shown
+        self.bar.update(step)
 
     def _rate(self) -> str:
         dt = time.perf_counter() - getattr(self, "t0", time.perf_counter())
@@ -107,17 +118,15 @@ def _when(t: float | None) -> str:
 def cli() -> None:
     """Inspect and maintain kvcache caches (LMDB caches of PyTorch datasets).
 
-    Exit codes: 0 ok, 1 problems found, 2 usage error or not a cache.
+    Exit codes: 0 ok, 1 problems found, 2 usage error or not a cache, 130 a build
+    interrupted by Ctrl-C (run it again to resume).
     """
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-@cli.command("inspect")
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_path_command("inspect")
 def inspect_cmd(path: str, as_json: bool) -> None:
     """Show what the cache at PATH holds (reads metadata only)."""
     r = m.inspect_cache(path)
@@ -127,7 +136,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     out = [
         f"path:          {r.path}",
         f"format:        kvcache format {r.format_version}, codec {r.codec_version}",
-        f"fingerprint:   {fp.get('digest', '-')} (id {fp.get('id', '-')}; {r.fingerprints} known)",
+        f"fingerprint:   {fp.get('digest', '-')} (id {fp.get('id', '-')}; {len(r.fingerprints)} known)",
     ]
     for k, v in sorted((fp.get("parts") or {}).items()):
         out.append(f"  {k + ':':<13}{v}")
@@ -136,7 +145,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     out += [
         f"entries:       {r.current_entries:,} of {src}{pct}"
         + (f"; {r.stale_entries:,} of other sources (kvcache gc)" if r.stale_entries else ""),
-        f"logical bytes: {_size(r.logical_bytes)}",
+        f"logical bytes: {_size(r.total_bytes)}",
         f"file bytes:    {_size(r.file_bytes)} (compacted about {_size(r.live_bytes)}; "
         f"data.mdb on disk {_size(r.disk_bytes)})",
         f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
@@ -153,12 +162,12 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 @cli.command("verify")
 @click.argument("path", type=click.Path())
-@click.option("--repair", is_flag=True, help="Remove bad records and orphan rows (salvage a broken file).")
+@click.option("--repair", is_flag=True, help="Remove bad records and orphan rows (salvage a broken file); with "
+              "--spot-check, replace mismatched records with recomputed ones.")
 @click.option("--spot-check", type=click.IntRange(min=0), default=0, metavar="N",
               help="Recompute N random cached samples from --source and compare.")
 @click.option("--source", "source", metavar="SPEC", help="module:callable returning the source dataset.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_reporting
 def verify_cmd(path: str, repair: bool, spot_check: int, source: str | None, as_json: bool) -> None:
     """Check every record of the cache at PATH (in a child process). Exit 1 on problems."""
     if spot_check and not source:
@@ -216,10 +225,7 @@ def _list(xs: list[int], n: int = 20) -> str:
 # --------------------------------------------------------------------------- compact, gc
 
 
-@cli.command("compact")
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_path_command("compact")
 def compact_cmd(path: str, as_json: bool) -> None:
     """Rewrite the cache at PATH without free pages (needs it to itself)."""
     r = m.compact(path)
@@ -231,10 +237,7 @@ def compact_cmd(path: str, as_json: bool) -> None:
                f"reclaimed: {_size(r.reclaimed)}")
 
 
-@cli.command("gc")
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_path_command("gc")
 def gc_cmd(path: str, as_json: bool) -> None:
     """Drop records written by sources other than the current one."""
     r = m.gc(path)
@@ -254,8 +257,7 @@ def gc_cmd(path: str, as_json: bool) -> None:
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes computing samples (one writer).")
 @click.option("--version", "version", default=None, help="The fingerprint's version= salt.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_reporting
 def build_cmd(spec: str, path: str, workers: int, version: str | None, as_json: bool) -> None:
     """Fill every missing index of the cache at PATH from SPEC (module:callable).
 
@@ -279,8 +281,7 @@ def build_cmd(spec: str, path: str, workers: int, version: str | None, as_json: 
 @cli.command("merge")
 @click.argument("dest", type=click.Path())
 @click.argument("srcs", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_reporting
 def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
     """Copy the records of caches SRCS (one source, same fingerprint) into DEST."""
     r = m.merge(dest, list(srcs))
@@ -303,8 +304,7 @@ def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
 @click.argument("path", type=click.Path())
 @click.argument("index", type=int)
 @click.option("--out", type=click.Path(file_okay=False), help="Write each array leaf as DIR/<leaf>.npy.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_guard
+@_reporting
 def get_cmd(path: str, index: int, out: str | None, as_json: bool) -> None:
     """Show the structure of sample INDEX (and write its arrays with --out)."""
     r = m.get_sample(path, index, out)

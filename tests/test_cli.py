@@ -177,7 +177,7 @@ def test_inspect_healthy(cache):
         assert key in out, key
     j = json.loads(invoke("inspect", "--json", cache).output)
     assert j["current_entries"] == j["entries"] == j["source_length"] == 200
-    assert 0 < j["logical_bytes"] < j["file_bytes"] <= j["map_size"]
+    assert 0 < j["total_bytes"] < j["file_bytes"] <= j["map_size"]
     assert j["file_bytes"] % 4096 == 0 and j["disk_bytes"] >= j["file_bytes"]
     assert j["max_readers"] >= 1 and j["readers_used"] >= 0
     assert j["created"] <= j["last_written"] <= time.time()
@@ -271,6 +271,23 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
     assert code == 0 and shown == ""  # --json: no bar even on a terminal
     r = invoke("build", "_cli_helpers:small", str(tmp_path / "d"))  # not a terminal
     assert r.exit_code == 0 and r.stderr == ""
+
+
+@pytest.mark.slow  # a real process on a real terminal (script(1)), ~3 s of builds
+def test_build_bar_on_a_real_terminal_shows_rate_and_eta(tmp_path):
+    import re
+    import shutil
+
+    if shutil.which("script") is None:
+        pytest.skip("script(1) is not installed")
+    path = str(tmp_path / "c")
+    cmd = f"{CONSOLE} build _cli_helpers:slow {path}"
+    p = subprocess.run(["script", "-qc", cmd, "/dev/null"], capture_output=True, text=True,
+                       env=_env(KVTEST_N="1500", KVTEST_DELAY="0.002"), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    frames = p.stdout.replace("\r", "\n")
+    assert re.search(r"build .*\d+/1500 +\d\d:\d\d:\d\d +[\d,]+ items/s", frames), frames[-2000:]
+    assert "built" in frames
 
 
 # --------------------------------------------------------------------------- corruption

@@ -28,8 +28,8 @@ N = int(os.environ.get("KVDEMO_N", "2000"))
 class Demo(torch.utils.data.Dataset):
     """CIFAR-like samples: ``{'image': uint8[3,32,32], 'label': int}``, ~1 ms each."""
 
-    def __init__(self, n: int = N) -> None:
-        self.n = n
+    def __init__(self, n: int = N, seed: int = 0) -> None:
+        self.n, self.seed = n, seed
 
     def __len__(self) -> int:
         return self.n
@@ -38,13 +38,18 @@ class Demo(torch.utils.data.Dataset):
         end = time.perf_counter() + COST_S
         while time.perf_counter() < end:  # stands in for decoding and augmenting
             pass
-        rng = np.random.default_rng(i)
+        rng = np.random.default_rng(i + self.seed)
         return {"image": torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)),
                 "label": int(rng.integers(10))}
 
 
 def demo() -> Demo:
     return Demo()
+
+
+def changed() -> Demo:
+    """The same class and length, other samples: what a changed data file looks like."""
+    return Demo(seed=1)
 
 
 HERE = os.path.abspath(__file__)
@@ -76,6 +81,8 @@ def main() -> None:
         sections.append(f"## {title}\n\n{textwrap.dedent(text).strip()}".rstrip())
 
     try:
+        h("Usage")
+        run("--help")
         h("build", """
             `kvcache build SPEC PATH [--workers N] [--version V]` fills every missing index.
             SPEC is `module:callable` or `path/to/file.py:callable` returning the source
@@ -97,6 +104,9 @@ def main() -> None:
         run("verify", "cache")
         run("verify", "cache", "--spot-check", "20", "--source", SPEC,
             note="A spot check recomputes random samples from the source and compares:")
+        run("verify", "cache", "--spot-check", "20", "--source", SPEC.replace(":demo", ":changed"),
+            note="The fingerprint cannot see a source whose code is unchanged while its output "
+            "changed; a spot check can (`--repair` would replace the mismatched records):")
         _corrupt(os.path.join(work, "cache"))
         run("verify", "cache", note="After overwriting 8 bytes inside one record of `data.mdb`:")
         run("verify", "--json", "cache")
@@ -175,7 +185,8 @@ def _write(out: str, sections: list[str]) -> None:
 
         Exit codes: **0** ok; **1** problems found (bad records, a busy or damaged cache,
         any other kvcache error); **2** usage error, or a path that is not a cache (or a
-        cache of another format). Errors are one line on stderr, never a traceback.
+        cache of another format); **130** a build stopped by Ctrl-C (run it again to
+        resume). Errors are one line on stderr, never a traceback.
         Every reporting command takes `--json`. Progress bars appear only on a terminal,
         never with `--json`.
         """)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import codec
 from ..store import META_ROW
-from ..view import CacheView
+from ..view import CacheInfo, CacheView
 from ._common import check_cache, live_bytes
 
 __all__ = ["InspectReport", "LeafSummary", "inspect_cache"]
@@ -27,29 +27,20 @@ class LeafSummary:
         return f"{self.path}: {self.summary} x {self.count}"
 
 
-@dataclass
-class InspectReport:
-    path: str
-    format_version: int | None
-    codec_version: int | None
-    fingerprint: dict[str, Any] | None  # id, digest, parts of the current source
-    fingerprints: int  # how many fingerprints the cache has known
-    entries: int  # records of any fingerprint
-    current_entries: int  # records of the current fingerprint
-    stale_entries: int  # records of other fingerprints (``kvcache gc`` drops them)
-    source_length: int | None
-    logical_bytes: int  # sum of record sizes
-    file_bytes: int  # (last page + 1) * page size
-    live_bytes: int  # about what a compacted copy would take
-    disk_bytes: int  # data.mdb's length on disk
-    map_size: int
-    map_used: float  # file_bytes / map_size
-    readers_used: int
-    max_readers: int
+@dataclass(frozen=True)
+class InspectReport(CacheInfo):
+    """:class:`kvcache.CacheInfo` (``total_bytes`` is the logical size: the sum of record
+    sizes; ``file_bytes`` what the environment uses) and what only a walk tells."""
+
+    current_entries: int = 0  # records of the current fingerprint
+    stale_entries: int = 0  # records of other fingerprints (``kvcache gc`` drops them)
+    live_bytes: int = 0  # about what a compacted copy would take
+    disk_bytes: int = 0  # data.mdb's length on disk
+    map_used: float = 0.0  # file_bytes / map_size
+    readers_used: int = 0
+    max_readers: int = 0
     leaves: list[LeafSummary] = field(default_factory=list)
     layouts: int = 0  # distinct layouts among current records
-    created: float | None = None
-    last_written: float | None = None
 
 
 def inspect_cache(path: str | os.PathLike) -> InspectReport:
@@ -87,15 +78,12 @@ def inspect_cache(path: str | os.PathLike) -> InspectReport:
                 leaves.append(LeafSummary(_short(leaf.path), leaf.summary(), n))
         readers = [ln for ln in e.env.readers().splitlines()[1:] if ln.strip()]
         return InspectReport(
-            path=path, format_version=info.format_version, codec_version=info.codec_version,
-            fingerprint=info.fingerprint, fingerprints=len(info.fingerprints), entries=info.entries,
+            **{f.name: getattr(info, f.name) for f in fields(CacheInfo)},
             current_entries=current, stale_entries=info.entries - current,
-            source_length=info.source_length, logical_bytes=info.total_bytes,
-            file_bytes=info.file_bytes, live_bytes=live_bytes(e.env),
-            disk_bytes=os.path.getsize(os.path.join(path, "data.mdb")), map_size=info.map_size,
+            live_bytes=live_bytes(e.env), disk_bytes=os.path.getsize(os.path.join(path, "data.mdb")),
             map_used=info.file_bytes / info.map_size if info.map_size else 0.0,
             readers_used=len(readers), max_readers=e.env.max_readers(), leaves=leaves,
-            layouts=len(layouts), created=info.created, last_written=info.last_written,
+            layouts=len(layouts),
         )
 
 
