@@ -46,9 +46,12 @@ print(json.dumps({"bad": bad, "written": w.stats().writes}))
 def _kill_round(path, start, rng):
     p = spawn_child(WRITER, path, start, rng.choice([50, 200]))
     acked = []
-    deadline = time.monotonic() + rng.uniform(1.5, 4.0)
-    after_commit_started = rng.random() < 0.5
+    wait = rng.uniform(0.5, 2.5)
+    deadline = None  # armed at the writer's first line: its start-up (importing torch) can
+    after_commit_started = rng.random() < 0.5  # take seconds on a loaded machine
     for line in p.stdout:
+        if deadline is None:
+            deadline = time.monotonic() + wait
         if line.startswith("ack"):
             _, a, b = line.split()
             acked.extend(range(int(a), int(b) + 1))

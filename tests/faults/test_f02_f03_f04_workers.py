@@ -23,13 +23,14 @@ def test_f02_killed_worker(tmp_path):
     ds = kvcache.LmdbCachedDataset(KillAt(400, at=300, size=1024), path)
     dl = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
                                      multiprocessing_context="fork", timeout=60)
-    # DataLoader's own error: "exited unexpectedly", or the reset of the pipe a dead
-    # worker was sharing a tensor through
-    with pytest.raises((RuntimeError, ConnectionError)) as err:
+    # DataLoader's own error, whose form depends on timing: "exited unexpectedly", "killed
+    # by signal", or an OSError/EOFError from the pipe or fd a dead worker was sharing a
+    # tensor through. It must not be kvcache's or LMDB's, nor a hang ("timed out").
+    with pytest.raises((RuntimeError, OSError, EOFError)) as err:
         for _ in dl:
             pass
-    assert isinstance(err.value, ConnectionError) or "exited unexpectedly" in str(err.value) \
-        or "killed by signal" in str(err.value)
+    assert not isinstance(err.value, kvcache.KvCacheError) and "lmdb" not in type(err.value).__module__, err.value
+    assert "timed out" not in str(err.value), err.value
     ds.close()
     ds2 = kvcache.LmdbCachedDataset(ArraySource(400, 1024), path)  # opening runs reader_check
     assert same(ds2[5], sample_for(5, 1024))
