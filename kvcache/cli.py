@@ -146,8 +146,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         f"entries:       {r.current_entries:,} of {src}{pct}"
         + (f"; {r.stale_entries:,} of other sources (kvcache gc)" if r.stale_entries else ""),
         f"logical bytes: {_size(r.total_bytes)}",
-        f"file bytes:    {_size(r.file_bytes)} (compacted about {_size(r.live_bytes)}; "
-        f"data.mdb on disk {_size(r.disk_bytes)})",
+        (f"file bytes:    {_size(r.file_bytes)} (compacted about {_size(r.live_bytes)}; "
+         f"data.mdb on disk {_size(r.disk_bytes)})"),
         f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
         f"readers:       {r.readers_used} of {r.max_readers} slots in use",
         f"layouts:       {r.layouts}",
@@ -288,8 +288,8 @@ def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         _json(r, ok=r.ok)
     else:
-        lines = [f"merged {len(r.sources)} cache(s) into {r.dest}: copied {r.copied:,}, "
-                 f"already present {r.already_present:,}; {r.entries:,} records now"]
+        lines = [(f"merged {len(r.sources)} cache(s) into {r.dest}: copied {r.copied:,}, "
+                  f"already present {r.already_present:,}; {r.entries:,} records now")]
         for s, bad in r.bad.items():
             if bad:
                 lines.append(f"skipped {len(bad)} bad records of {s}: {_list(bad)}")

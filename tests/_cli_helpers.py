@@ -45,7 +45,7 @@ def slow() -> Squares:
     return Squares(int(os.environ.get("KVTEST_N", "400")), float(os.environ.get("KVTEST_DELAY", "0.005")))
 
 
-def tuples() -> "Pairs":
+def tuples() -> Pairs:
     return Pairs()
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import _cli_helpers as H
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -16,9 +17,15 @@ from click.testing import CliRunner
 import kvcache
 from kvcache import LmdbCachedDataset, open_cache
 from kvcache.cli import cli
-from kvcache.maintenance import build, compact, gc, get_sample, inspect_cache, merge, verify
-
-import _cli_helpers as H
+from kvcache.maintenance import (
+    build,
+    compact,
+    gc,
+    get_sample,
+    inspect_cache,
+    merge,
+    verify,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -34,7 +41,8 @@ def _env(**extra: str) -> dict:
 
 def run_cli(*args: str, console: bool = False, **env: str) -> subprocess.CompletedProcess:
     cmd = [CONSOLE] if console and os.path.exists(CONSOLE) else [sys.executable, "-m", "kvcache"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=_env(**env), timeout=300)
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=_env(**env), timeout=300,
+                          check=False)
 
 
 def invoke(*args: str):
@@ -244,16 +252,12 @@ def _on_a_terminal(monkeypatch, args: list[str]) -> tuple[int, str]:
 
     t = threading.Thread(target=drain, daemon=True)
     t.start()
-    tty = open(slave, "w", closefd=True)
-    try:
-        monkeypatch.setattr(sys, "stderr", tty)
+    with open(slave, "w", closefd=True) as tty, monkeypatch.context() as mp:
+        mp.setattr(sys, "stderr", tty)
         assert sys.stderr.isatty()
         with pytest.raises(SystemExit) as ex:
             cli.main(args, prog_name="kvcache")
         tty.flush()
-    finally:
-        monkeypatch.undo()
-        tty.close()
     t.join(10)
     os.close(master)
     return ex.value.code or 0, b"".join(shown).decode(errors="replace")
@@ -283,7 +287,7 @@ def test_build_bar_on_a_real_terminal_shows_rate_and_eta(tmp_path):
     path = str(tmp_path / "c")
     cmd = f"{CONSOLE} build _cli_helpers:slow {path}"
     p = subprocess.run(["script", "-qc", cmd, "/dev/null"], capture_output=True, text=True,
-                       env=_env(KVTEST_N="1500", KVTEST_DELAY="0.002"), timeout=300)
+                       env=_env(KVTEST_N="1500", KVTEST_DELAY="0.002"), timeout=300, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     frames = p.stdout.replace("\r", "\n")
     assert re.search(r"build .*\d+/1500 +\d\d:\d\d:\d\d +[\d,]+ items/s", frames), frames[-2000:]
@@ -518,7 +522,7 @@ def test_interrupted_build_resumes(tmp_path):
 
 def test_merge_two_halves_equals_full_build(tmp_path, cache):
     a, b, dest = (str(tmp_path / n) for n in ("a", "b", "dest"))
-    _fill(a, range(0, 100))
+    _fill(a, range(100))
     _fill(b, range(100, 200))
     r = invoke("merge", dest, a, b)
     assert r.exit_code == 0, r.output

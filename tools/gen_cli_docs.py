@@ -69,7 +69,7 @@ def main() -> None:
         shown = " ".join(c.replace(HERE, "tools/gen_cli_docs.py") for c in cmd)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "kvcache", *cmd], cwd=work, capture_output=True,
-                           text=True, env=dict(os.environ, KVDEMO_N=str(n or args.n)))
+                           text=True, env=dict(os.environ, KVDEMO_N=str(n or args.n)), check=False)
         dt = time.perf_counter() - t0
         out = (p.stdout + p.stderr).replace(work + "/", "").replace(work, ".").rstrip()
         block = f"```console\n$ kvcache {shown}\n{out}\n$ echo $?\n{p.returncode}\n```"
@@ -122,9 +122,9 @@ def main() -> None:
             shared; compact takes it exclusively without waiting and refuses while the
             cache is in use.""")
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import sys, kvcache; sys.path.insert(0, sys.argv[2]);"
+            [sys.executable, "-c", ("import sys, kvcache; sys.path.insert(0, sys.argv[2]);"
              "import gen_cli_docs as g; ds = kvcache.LmdbCachedDataset(g.demo(), sys.argv[1]); ds[0];"
-             "print('ready', flush=True); sys.stdin.read()", os.path.join(work, "cache"),
+             "print('ready', flush=True); sys.stdin.read()"), os.path.join(work, "cache"),
              os.path.dirname(HERE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=dict(os.environ, KVDEMO_N=str(args.n)))
         assert holder.stdout.readline().strip() == "ready"
@@ -169,7 +169,7 @@ def _halves(work: str, n: int) -> None:
     from kvcache import LmdbCachedDataset
     from kvcache.maintenance import load_spec
 
-    for name, idx in (("half-a", range(0, n // 2)), ("half-b", range(n // 2, n))):
+    for name, idx in (("half-a", range(n // 2)), ("half-b", range(n // 2, n))):
         with LmdbCachedDataset(load_spec(SPEC), os.path.join(work, name)) as ds:
             for i in idx:
                 ds[i]

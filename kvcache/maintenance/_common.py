@@ -12,7 +12,8 @@ import fcntl
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import lmdb
 

@@ -22,7 +22,6 @@ import types
 from typing import Any
 
 import lmdb
-
 import numpy as np
 
 from .. import codec, layout
@@ -135,7 +134,7 @@ def scan(path: str) -> dict:
         have = os.path.getsize(os.path.join(path, "data.mdb"))
         if have < need:
             res["short_by"] = need - have  # reported if the walk below dies or fails
-        fmt, cur, problem = _identity(env)
+        _fmt, cur, problem = _identity(env)
         if problem:
             if os.path.exists(os.path.join(path, "kvcache.lock")):
                 res["errors"].append("the info table (format, fingerprints) is missing or unreadable")

@@ -82,7 +82,9 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
         an LmdbCachedDataset on ``path``.
     """
     global _source, _fp_id
-    from ..dataset import LmdbCachedDataset  # torch lives there; keep `import kvcache.maintenance` light
+    from ..dataset import (
+        LmdbCachedDataset,  # torch lives there; keep `import kvcache.maintenance` light
+    )
 
     source = load_spec(spec)
     ds = LmdbCachedDataset(source, path, version=version, lru_bytes=0)

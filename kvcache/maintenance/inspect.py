@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from .. import codec
 from ..store import META_ROW
@@ -91,7 +90,7 @@ def _short(path: str) -> str:
     """``sample['image']`` -> ``image``; ``sample[0]`` -> ``[0]``; ``sample`` stays."""
     if path == "sample":
         return path
-    p = path[len("sample"):] if path.startswith("sample") else path
+    p = path.removeprefix("sample")
     if p.startswith("['") and p.endswith("']") and p.count("[") == 1:
         return p[2:-2]
     return p

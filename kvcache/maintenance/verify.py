@@ -45,7 +45,7 @@ class VerifyReport:
     spot_checked: int = 0
     spot_mismatches: list[int] = field(default_factory=list)
     spot_repaired: int = 0  # mismatched records replaced by the recomputed ones (--repair)
-    after: "VerifyReport | None" = None
+    after: VerifyReport | None = None
 
 
 # Run _scan without executing kvcache/__init__ (which imports torch: seconds per child).
