@@ -64,8 +64,15 @@ def targets(name: str, w: dict) -> list[tuple[str, bool | None, str]]:
         s = max(w["syscalls"].get(k, {}).get("per_read", 0) for k in ("kvcache", "kvcache_noverify"))
         out.append(("0 syscalls per cached read", s < 0.05, f"{s:.3f}"))
     if "fill_s" in w:
-        r = w["fill_s"]["kvcache_fill"]["median"] / w["fill_s"]["source"]["median"]
-        out.append(("first epoch <= 1.10x uncached source (200 µs/item)", r <= 1.10, f"{r:.3f}x"))
+        f = w["fill_s"]
+        r = f["kvcache_fill"]["median"] / f["source"]["median"]
+        extra = ""
+        if "raw_lmdb_put" in f:
+            lo = (f["source"]["median"] + f["raw_lmdb_put"]["median"]) / f["source"]["median"]
+            extra = (f" (open+close {f['kvcache_open_close']['median'] * 1e3:.0f} ms of "
+                     f"{f['kvcache_fill']['median'] * 1e3:.0f} ms; source + a raw LMDB put of the same "
+                     f"items = {lo:.3f}x)")
+        out.append(("first epoch <= 1.10x uncached source (200 µs/item)", r <= 1.10, f"{r:.3f}x{extra}"))
     if "build_items_s" in w:
         b = w["build_items_s"]
         r = b["kvcache_build"]["median"] / b["raw_lmdb_put"]["median"]
