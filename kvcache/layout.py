@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import struct
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -320,7 +321,7 @@ class _Gen:
         return name
 
     def at(self) -> str:
-        return f"p+{self.off}" if self.off else "p"
+        return f"p+{self.const(self.off)}" if self.off else "p"
 
     def leaf(self, expr: str, size: int) -> str:
         name = f"v{self.n}"
@@ -355,7 +356,7 @@ class _Gen:
             _, dt, shape, count, hlen, nbytes, tname = node
             self.off += hlen
             if nbytes and len(shape) == 1:
-                expr = f"_fb(buf, {self.const(dt)}, {count}, {self.at()}).copy()"
+                expr = f"_fb(buf, {self.const(dt)}, {self.const(count)}, {self.at()}).copy()"
             elif nbytes:
                 # ndarray(shape, dtype, buffer, offset): one call instead of
                 # frombuffer + reshape, and it refuses to read past the buffer too.
@@ -379,7 +380,7 @@ class _Gen:
 
 _GLOBALS = {
     "_i64": I64.unpack_from, "_f64": F64.unpack_from, "_bool": _BOOL, "_fb": np.frombuffer,
-    "_empty": np.empty, "_nd": np.ndarray, "_str": _str, "_sized": _sized, "_bigint": _bigint, "_LE": LayoutError,
+    "__builtins__": __builtins__, "_empty": np.empty, "_nd": np.ndarray, "_str": _str, "_sized": _sized, "_bigint": _bigint, "_LE": LayoutError,
 }
 
 
@@ -394,17 +395,30 @@ def _compile(node: tuple, whole: bool = False) -> Callable:
         tail = f"    return {result}, {g.at()}\n"
     elif not any(", p = " in line for line in lines):
         # Fixed size: one length check up front, before any leaf is allocated.
-        lines = [f"if len(buf) != p+{g.off}: raise _LE('record length does not match its layout')",
+        lines = [f"if len(buf) != p+{g.const(g.off)}: raise _LE('record length does not match its layout')",
                  *lines]
         tail = f"    return {result}\n"
     else:
         tail = (f"    if {g.at()} != len(buf): raise _LE('record length does not match its layout')\n"
                 f"    return {result}\n")
     body = "\n".join(f"    {line}" for line in lines)
-    src = f"def plan(buf, p):\n{body}\n{tail}"
-    namespace = dict(_GLOBALS, **g.consts)
-    exec(compile(src, "<kvcache plan>", "exec"), namespace)
-    return namespace["plan"]
+    # Every value (offsets, counts, dtypes, shapes, keys) is a default argument, so all
+    # layouts of one structure (e.g. ragged arrays of any length) share one code object:
+    # it is compiled once and stays warm in the interpreter's caches.
+    params = "".join(f", {name}=None" for name in g.consts)
+    src = f"def plan(buf, p{params}):\n{body}\n{tail}"
+    code = _CODE.get(src)
+    if code is None:
+        namespace = dict(_GLOBALS)
+        exec(compile(src, "<kvcache plan>", "exec"), namespace)
+        code = namespace["plan"].__code__
+        if len(_CODE) >= PLAN_CACHE_MAX:
+            _CODE.clear()
+        _CODE[src] = code
+    return types.FunctionType(code, _GLOBALS, "plan", tuple(g.consts.values()))
+
+
+_CODE: dict[str, Any] = {}  # generated source -> code object
 
 
 def _leaf_count(node: tuple) -> int:

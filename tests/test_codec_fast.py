@@ -43,3 +43,18 @@ def test_fast_and_fallback_paths_agree(sample):
     assert bytes(record) == full_encode(sample, 9)
     out = codec.decode(record, True, 9)
     assert codec.encode(out, 9)[0] == record
+
+
+def test_layouts_of_one_structure_share_one_compiled_code_object():
+    from kvcache import layout
+
+    recs = [codec.encode({"tokens": np.arange(n, dtype=np.int64), "label": n}, 1)[0] for n in (5, 17, 300)]
+    for r in recs:
+        for _ in range(4):  # compiled from the third use on
+            codec.decode(r, True, 1)
+    plans = [layout._PLANS[bytes(r[24 : 24 + codec.read_header(r)[2]])] for r in recs]
+    assert len({id(p) for p in plans}) == 3  # one plan per layout (their own lengths) ...
+    assert len({id(p.__code__) for p in plans}) == 1  # ... sharing one code object
+    for n, r in zip((5, 17, 300), recs):
+        out = codec.decode(r, True, 1)
+        assert out["label"] == n and np.array_equal(out["tokens"], np.arange(n))
