@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _fault_helpers import build  # noqa: E402
+from _fault_helpers import build
 
 
 @pytest.fixture

@@ -1,12 +1,8 @@
 """F05: reader table exhausted: holder recovers, a fresh process gets CacheBusyError."""
 
-import json
 import signal
 
-import pytest
-
-import kvcache
-from _fault_helpers import Holder, build, check_child, run_child, spawn_child
+from _fault_helpers import Holder, check_child, run_child, spawn_child
 
 FIRST = r"""
 import sys, lmdb

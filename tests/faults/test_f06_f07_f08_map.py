@@ -3,9 +3,9 @@
 import os
 
 import pytest
+from _fault_helpers import ArraySource, Holder, same, sample_for
 
 import kvcache
-from _fault_helpers import ArraySource, Holder, same, sample_for
 
 
 def test_f06_growth_and_cap(tmp_path):

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from _fault_helpers import check_child, file_bytes, patch, record_place, run_child
 
 READ = r"""

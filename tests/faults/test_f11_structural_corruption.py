@@ -5,7 +5,6 @@ import random
 import struct
 
 import pytest
-
 from _fault_helpers import PSIZE, check_child, file_bytes, patch, run_child, walk
 
 # Reads every index in a child: each must come back equal to the source (recomputed
@@ -65,7 +64,7 @@ def _inject(path, case):
 
 
 CASES = ["leaf_flags", "leaf_bounds", "zero_leaf", "child_past_eof", "child_to_leaf", "branch_random"]
-FAST = {"leaf_flags", "child_past_eof"}
+FAST = {"child_past_eof"}
 
 
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])

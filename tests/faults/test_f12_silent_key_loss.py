@@ -3,7 +3,6 @@
 import struct
 
 import pytest
-
 from _fault_helpers import check_child, patch, record_place, run_child
 from test_f11_structural_corruption import READ
 

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from _fault_helpers import check_child, metas, patch, run_child, snapshot
 
 OPEN = r"""

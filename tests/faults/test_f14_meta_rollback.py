@@ -3,7 +3,6 @@
 import struct
 
 import pytest
-
 from _fault_helpers import check_child, metas, patch, run_child
 from test_f11_structural_corruption import READ
 
@@ -21,8 +20,9 @@ print(json.dumps({"samples": len(ks), "meta": len(km), "orphans": len(ks ^ km)})
 
 def test_f14_rollback_is_consistent(tmp_path):
     path = str(tmp_path / "c")
-    import kvcache
     from _fault_helpers import ArraySource
+
+    import kvcache
 
     with kvcache.LmdbCachedDataset(ArraySource(100), path) as ds:
         [ds[i] for i in range(50)]

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from _fault_helpers import PSIZE, check_child, run_child, snapshot
 from test_f13_meta_corruption import OPEN
 

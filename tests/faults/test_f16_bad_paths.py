@@ -4,9 +4,9 @@ import os
 import sqlite3
 
 import pytest
+from _fault_helpers import ArraySource, snapshot
 
 import kvcache
-from _fault_helpers import ArraySource, snapshot
 
 
 def _listing(root):

@@ -1,9 +1,9 @@
 """F17: a cache filled by another source never serves that source's samples."""
 
 import pytest
+from _fault_helpers import ArraySource, Holder, ShiftedSource, same, sample_for
 
 import kvcache
-from _fault_helpers import ArraySource, Holder, ShiftedSource, build, same, sample_for
 
 
 def test_f17_other_source_gets_its_own_samples(cache):

@@ -9,9 +9,9 @@ freed pages are reused and ``data.mdb`` stays under 2x the live size.
 import os
 
 import pytest
+from _fault_helpers import ArraySource, Holder, build, same, sample_for
 
 import kvcache
-from _fault_helpers import ArraySource, Holder, build, same, sample_for
 
 N, SIZE = 200, 1024  # 4 KiB samples: ~1 MiB live
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from _fault_helpers import BigSource, check_child, run_child
 
 import kvcache
-from _fault_helpers import BigSource, check_child, run_child
 
 
 def test_f23_key_types(tmp_path):

@@ -14,9 +14,9 @@ import random
 import lmdb
 import numpy as np
 import pytest
+from _fault_helpers import BigSource, Holder
 
 import kvcache
-from _fault_helpers import BigSource, Holder
 from kvcache import codec
 from kvcache.store import META_ROW, Store, key_of
 
@@ -81,7 +81,7 @@ def _workload(path, holder, seed, commits):
         elif op < 0.7:
             st.delete_keys(rng.sample(range(200), rng.randint(1, 10)))
         elif op < 0.85:  # an aborted transaction
-            def boom(txn):
+            def boom(txn, fp=fp):
                 e = st.handle()
                 for k in rng.sample(range(64), 5):
                     rec, meta = _row(rng, fp)

@@ -3,9 +3,9 @@
 import random
 
 import pytest
+from _fault_helpers import DriftingSource
 
 import kvcache
-from _fault_helpers import DriftingSource
 from kvcache.integrity import spot_check
 
 
