@@ -44,7 +44,7 @@ print(json.dumps({"bad": bad, "written": w.stats().writes}))
 def _kill_round(path, start, rng):
     p = spawn_child(WRITER, path, start, rng.choice([50, 200]))
     acked = []
-    wait = rng.uniform(0.5, 2.5)
+    wait = rng.uniform(0.3, 1.5)
     deadline = None  # armed at the writer's first line: its start-up (importing torch) can
     after_commit_started = rng.random() < 0.5  # take seconds on a loaded machine
     for line in p.stdout:

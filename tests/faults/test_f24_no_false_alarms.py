@@ -9,6 +9,7 @@ writer still has the file open) and after close: opening never refuses the cache
 truncation guard's trips are cleared by the precise check) and ``verify`` is OK.
 """
 
+import os
 import random
 
 import lmdb
@@ -112,7 +113,8 @@ def _workload(path, holder, seed, commits):
 
 def _raw_shrinking_overwrite(path):
     """In one raw LMDB transaction: grow a record to 300 KB, then shrink it back."""
-    env = lmdb.open(path, max_dbs=4, subdir=True)
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    env = lmdb.open(path, max_dbs=4, subdir=True, map_size=2 * size + (16 << 20))
     try:
         samples = env.open_db(b"samples", create=False)
         with env.begin(write=True, db=samples) as txn:
