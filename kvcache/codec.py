@@ -34,20 +34,32 @@ import xxhash
 
 from .errors import CorruptRecordError, UnsupportedSampleError
 from .layout import (
-    F64, I64, MAX_DEPTH, MAX_NDIM, TORCH_NATIVE, U8, U16, U32, U64, LayoutError, LeafInfo,
-    _PLANS, describe, plan_for,
+    _PLANS,
+    F64,
+    I64,
+    MAX_DEPTH,
+    MAX_NDIM,
+    TORCH_NATIVE,
+    U8,
+    U16,
+    U32,
+    U64,
+    LayoutError,
+    LeafInfo,
+    describe,
+    plan_for,
 )
 
 __all__ = [
     "CODEC_VERSION",
     "HEADER_SIZE",
-    "StaleRecord",
     "LeafInfo",
+    "StaleRecord",
+    "checksum_ok",
     "decode",
     "describe_layout",
     "encode",
     "read_header",
-    "checksum_ok",
     "record_layout",
 ]
 
@@ -331,7 +343,7 @@ def _fast(x: Any, lay: list, parts: list, depth: int) -> int:
         try:
             # Refuses (RuntimeError / TypeError) tensors needing grad, conj or neg bits.
             a = x.numpy()
-        except Exception:
+        except (RuntimeError, TypeError, ValueError):
             raise _Slow from None
         frag, header = _array_frag(a)
         if not a.flags.c_contiguous:

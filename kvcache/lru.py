@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-__all__ = ["BytesLRU", "MAX_ITEM"]
+__all__ = ["MAX_ITEM", "BytesLRU"]
 
 MAX_ITEM = 16 << 10
 
@@ -21,7 +21,7 @@ MAX_ITEM = 16 << 10
 class BytesLRU:
     """Index -> record bytes, evicting the least recently used past ``max_bytes``."""
 
-    __slots__ = ("max_bytes", "max_item", "nbytes", "_d")
+    __slots__ = ("_d", "max_bytes", "max_item", "nbytes")
 
     def __init__(self, max_bytes: int, max_item: int = MAX_ITEM) -> None:
         self.max_bytes = max_bytes

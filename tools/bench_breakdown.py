@@ -23,8 +23,8 @@ import numpy as np
 import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench as B  # noqa: E402
-import bench_systems as S  # noqa: E402
+import bench as B
+import bench_systems as S
 
 
 def steps(name: str, n: int, root: str) -> dict:
@@ -43,7 +43,7 @@ def steps(name: str, n: int, root: str) -> dict:
             fl[i]
     e = ds._env
     env, db, key, fp = e.env, e.samples, KEY.pack, ds._fp_read
-    fenv, ftxn, fkey = fl._henv, fl._htxn, KEY.pack
+    fenv, fkey = fl._henv, KEY.pack
     head, xx, dec = codec._unpack_head, xxhash.xxh3_64_intdigest, codec.decode
     dt = fl.dtype
     shape = fl.shape
@@ -72,7 +72,7 @@ def steps(name: str, n: int, root: str) -> dict:
             t = env.begin(db, None, False, True)
             b = t.get(key(i))
             h = head(b, 0)
-            h[2] == fp
+            _ = h[2] == fp
             t.abort()
 
     def kv_checksum() -> None:  # + xxh3 of the record (verify=True)
@@ -80,7 +80,7 @@ def steps(name: str, n: int, root: str) -> dict:
             t = env.begin(db, None, False, True)
             b = t.get(key(i))
             h = head(b, 0)
-            xx(b[16:]) == h[1]
+            _ = xx(b[16:]) == h[1]
             t.abort()
 
     def kv_plan_lookup() -> None:  # + finding the plan by the layout bytes
@@ -88,7 +88,7 @@ def steps(name: str, n: int, root: str) -> dict:
             t = env.begin(db, None, False, True)
             b = t.get(key(i))
             h = head(b, 0)
-            xx(b[16:]) == h[1]
+            _ = xx(b[16:]) == h[1]
             _PLANS[b[24 : 24 + h[3]]]
             t.abort()
 
