@@ -14,7 +14,7 @@ warnings.simplefilter("ignore")
 from _fault_helpers import *
 import kvcache
 path, start, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ds = kvcache.LmdbCachedDataset(ArraySource(100000, 1024), path, write_batch=10**9)
+ds = kvcache.LmdbCachedDataset(ArraySource(1000000, 1024), path, write_batch=10**9)
 i = start
 while True:
     todo = list(range(i, i + batch))
@@ -34,8 +34,8 @@ path, acked = sys.argv[1], json.loads(sys.argv[2])
 ds = kvcache.LmdbCachedDataset(None, path)
 bad = [i for i in acked if not same(ds[i], sample_for(i, 1024))]
 ds.close()
-w = kvcache.LmdbCachedDataset(ArraySource(100000, 1024), path)
-w[99999]
+w = kvcache.LmdbCachedDataset(ArraySource(1000000, 1024), path)
+w[999999]  # far past every round (round r writes from 1 + r * 20000)
 w.close()
 print(json.dumps({"bad": bad, "written": w.stats().writes}))
 """
@@ -55,10 +55,13 @@ def _kill_round(path, start, rng):
             acked.extend(range(int(a), int(b) + 1))
         if time.monotonic() > deadline and (not after_commit_started or line.startswith("commit-started")):
             break
+    alive = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.wait()
+    err = p.stderr.read() if not alive else ""
     for f in (p.stdin, p.stdout, p.stderr):
         f.close()
+    assert alive, f"the writer died before the kill (rc {p.returncode}):\n{err[-3000:]}"
     return acked
 
 
@@ -70,7 +73,7 @@ def _run(tmp_path, rounds):
 
     build(path, n=1)
     holder = Holder(path)
-    holder.ok("ds = kvcache.LmdbCachedDataset(ArraySource(100000, 1024), path); ds[0]")
+    holder.ok("ds = kvcache.LmdbCachedDataset(ArraySource(1000000, 1024), path); ds[0]")
     rng = random.Random(1)
     acked = []
     try:
