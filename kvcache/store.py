@@ -163,10 +163,13 @@ class Store:
         def put_all(txn: Any) -> int:
             n = 0
             for key, (rec, meta) in batch.items():
-                old = txn.get(key, db=e.samples)
-                if old is not None and codec.checksum_ok(old) and codec.read_header(old)[0] == fp_id:
-                    continue
-                txn.put(key, rec, db=e.samples)
+                # put(overwrite=False) is one B-tree descent for the common new key; only a
+                # key that exists is read, and kept if it is a valid record of this source.
+                if not txn.put(key, rec, db=e.samples, overwrite=False):
+                    old = txn.get(key, db=e.samples)
+                    if codec.checksum_ok(old) and codec.HEADER.unpack_from(old, 0)[3] == fp_id:
+                        continue
+                    txn.put(key, rec, db=e.samples)
                 txn.put(key, meta, db=e.meta)
                 n += 1
             txn.put(b"last_written", stamp, db=e.info)
