@@ -244,7 +244,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             try:
                 buf = txn.get(_key(i))
                 value = _STALE if buf is None else _decode(buf, self.verify, self._fp_read)
-            except (lmdb.Error, codec.StaleRecord, CorruptRecordError):
+            except lmdb.Error as exc:  # a damaged tree: the txn is dead, don't read it again
+                value = self._damaged(i, translate(exc, self.path))
+            except (codec.StaleRecord, CorruptRecordError):
                 value = self._lookup(txn, i)  # counts, warns or raises as it should
             else:
                 if value is not _STALE:
@@ -284,7 +286,12 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                 try:
                     buf = get_rec(_key(i))
                     v = _STALE if buf is None else _decode(buf, verify, fp)
-                except (lmdb.Error, codec.StaleRecord, CorruptRecordError):
+                except lmdb.Error as exc:  # a damaged tree: this txn is dead, start another
+                    v = self._damaged(i, translate(exc, self.path))
+                    txn.abort()
+                    txn = self._store.begin()
+                    get_rec = txn.get
+                except (codec.StaleRecord, CorruptRecordError):
                     v = self._lookup(txn, i)  # counts, warns or raises as it should
                 else:
                     if v is not _STALE:
