@@ -13,7 +13,6 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import lmdb
@@ -30,6 +29,7 @@ from .errors import (
 from .fingerprint import compute_parts
 from .lru import BytesLRU
 from .progress import Progress
+from .stats import BuildReport, CacheStats
 from .store import KEY, META_ROW, Store, translate
 from .writeback import Writer
 
@@ -39,37 +39,6 @@ _ON_STALE = ("recompute", "reset", "error")
 _STALE = object()  # a record written by another fingerprint: treat as a miss
 _key = KEY.pack
 _decode = codec.decode
-
-
-@dataclass
-class CacheStats:
-    """This process's counts for one dataset (DataLoader workers each keep their own)."""
-
-    hits: int = 0  # served from LMDB
-    misses: int = 0  # computed from the source
-    lru_hits: int = 0  # served from the in-process LRU
-    writes: int = 0  # records committed by this process
-    corrupt: int = 0  # records that failed their checksum (recomputed or raised)
-    write_errors: int = 0  # records that could not be written (disk full, read-only, ...)
-    stale: int = 0  # records of another fingerprint, recomputed
-    too_large: int = 0  # samples over max_sample_bytes, served uncached
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class BuildReport:
-    """What ``build()`` did."""
-
-    total: int
-    computed: int
-    already_cached: int
-    seconds: float
-
-    @property
-    def items_per_s(self) -> float:
-        return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
 class LmdbCachedDataset(torch.utils.data.Dataset):

@@ -1,0 +1,38 @@
+"""What a dataset reports about itself: per-process counters and build reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["BuildReport", "CacheStats"]
+
+
+@dataclass
+class CacheStats:
+    """This process's counts for one dataset (DataLoader workers each keep their own)."""
+
+    hits: int = 0  # served from LMDB
+    misses: int = 0  # computed from the source
+    lru_hits: int = 0  # served from the in-process LRU
+    writes: int = 0  # records committed by this process
+    corrupt: int = 0  # records that failed their checksum (recomputed or raised)
+    write_errors: int = 0  # records that could not be written (disk full, read-only, ...)
+    stale: int = 0  # records of another fingerprint, recomputed
+    too_large: int = 0  # samples over max_sample_bytes, served uncached
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What ``build()`` did."""
+
+    total: int
+    computed: int
+    already_cached: int
+    seconds: float
+
+    @property
+    def items_per_s(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
