@@ -37,8 +37,10 @@ __all__ = ["BuildReport", "CacheStats", "LmdbCachedDataset"]
 
 _ON_STALE = ("recompute", "reset", "error")
 _STALE = object()  # a record written by another fingerprint: treat as a miss
+_SLOW = object()  # __getitems__'s inline decode met something unusual: take _lookup
 _key = KEY.pack
 _decode = codec.decode
+_unpack_head, _HEAD, _checksum, _PLANS = codec._unpack_head, codec._HEAD, codec._checksum, codec._plans
 
 
 class LmdbCachedDataset(torch.utils.data.Dataset):
@@ -238,6 +240,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         todo: list[int] = []
         lru = self._lru
         verify, fp, get_rec = self.verify, self._fp_read, None
+        head_ok, plans, head, xxh = _HEAD, _PLANS, _unpack_head, _checksum
         hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
@@ -254,16 +257,30 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                         continue
                 try:
                     buf = get_rec(_key(i))
-                    v = _STALE if buf is None else _decode(buf, verify, fp)
                 except lmdb.Error as exc:  # a damaged tree: this txn is dead, start another
                     v = self._damaged(i, translate(exc, self.path))
                     txn.abort()
                     txn = self._store.begin()
                     get_rec = txn.get
-                except (codec.StaleRecord, CorruptRecordError):
-                    v = self._lookup(txn, i)  # counts, warns or raises as it should
                 else:
-                    if v is not _STALE:
+                    # codec.decode inlined, step for step (its checks, in its order): any
+                    # anomaly (short, bad magic, stale, checksum, new layout, a plan that
+                    # refuses) goes to _lookup, which decodes again and counts, warns or
+                    # raises as it should.
+                    v = _SLOW
+                    if buf is None:
+                        v = _STALE
+                    elif len(buf) >= 24:
+                        h, cs, f, ll = head(buf, 0)
+                        if h == head_ok and f == fp and (not verify or xxh(buf[16:]) == cs):
+                            body = 24 + ll
+                            try:
+                                v = plans[buf[24:body]](buf, body)
+                            except Exception:  # noqa: BLE001 - _lookup sorts it out
+                                v = _SLOW
+                    if v is _SLOW:
+                        v = self._lookup(txn, i)
+                    elif v is not _STALE:
                         hits += 1
                         if lru is not None and len(buf) <= lru.max_item:
                             lru.put(i, bytes(buf))
