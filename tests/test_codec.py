@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kvcache import CorruptRecordError, KvCacheError, UnsupportedSampleError, codec, layout
+from kvcache import CorruptRecordError, KvCacheError, UnsupportedSampleError, codec, layout, plans
 from kvcache.codec import HEADER_SIZE, decode, encode
 
 from helpers import Unsupported, same, tensor_bytes
@@ -212,11 +212,11 @@ def roundtrip(sample, decodes: int = 5):
     assert record[HEADER_SIZE : HEADER_SIZE + len(lay)] == lay
     assert codec.checksum_ok(record)
     assert codec.read_header(record) == (7, checksum, len(lay))
-    layout._PLANS.pop(lay, None)
+    plans._PLANS.pop(lay, None)
     outs = [decode(record, True, 7) for _ in range(decodes)]
     for out in outs:
         assert same(out, sample)
-    assert layout._PLANS[lay].__name__ != "warming"  # the hot plan was built and used
+    assert plans._PLANS[lay].__name__ != "warming"  # the hot plan was built and used
     return record, outs
 
 
@@ -304,7 +304,7 @@ def test_decoded_values_are_writable_and_own_their_memory(make):
     sample = {"x": original, "y": [original]}
     record, _, _ = encode(sample, 1)
     buf = bytearray(record)
-    layout._PLANS.clear()
+    plans._PLANS.clear()
     for _ in range(5):  # interpreted, then compiled
         out = decode(buf)
         for leaf in (out["x"], out["y"][0]):
@@ -418,7 +418,7 @@ def test_seeded_hostile_loop():
         lay = codec.record_layout(record)
         for _ in range(4):
             decode(record)  # make this layout's plan compiled
-        assert layout._PLANS[lay].__name__ != "warming"
+        assert plans._PLANS[lay].__name__ != "warming"
         for n in range(800):
             bad = bytearray(record)
             for _ in range(1 + n % 3):

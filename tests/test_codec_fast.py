@@ -9,17 +9,17 @@ import torch
 from hypothesis import given, settings
 from test_codec import samples
 
-from kvcache import codec
+from kvcache import codec, encoder, plans
 
 
 def full_encode(sample, fp_id: int) -> bytes:
     """The record as the full (path-tracking) encoder alone would write it."""
-    enc = codec._Encoder()
+    enc = encoder._Encoder()
     enc.add(sample, "sample", 0)
     layout = b"".join(enc.layout)
-    body = b"".join([codec._TAIL.pack(fp_id, len(layout)), layout, *enc.parts])
+    body = b"".join([encoder._TAIL.pack(fp_id, len(layout)), layout, *enc.parts])
     checksum = codec._checksum(body)
-    return codec._PREFIX.pack(codec.MAGIC, 0, checksum) + body
+    return encoder._PREFIX.pack(codec.MAGIC, 0, checksum) + body
 
 
 @settings(max_examples=300)
@@ -45,15 +45,13 @@ def test_fast_and_fallback_paths_agree(sample):
 
 
 def test_layouts_of_one_structure_share_one_compiled_code_object():
-    from kvcache import layout
-
     recs = [codec.encode({"tokens": np.arange(n, dtype=np.int64), "label": n}, 1)[0] for n in (5, 17, 300)]
     for r in recs:
         for _ in range(4):  # compiled from the third use on
             codec.decode(r, True, 1)
-    plans = [layout._PLANS[bytes(r[24 : 24 + codec.read_header(r)[2]])] for r in recs]
-    assert len({id(p) for p in plans}) == 3  # one plan per layout (their own lengths) ...
-    assert len({id(p.__code__) for p in plans}) == 1  # ... sharing one code object
+    found = [plans._PLANS[bytes(r[24 : 24 + codec.read_header(r)[2]])] for r in recs]
+    assert len({id(p) for p in found}) == 3  # one plan per layout (their own lengths) ...
+    assert len({id(p.__code__) for p in found}) == 1  # ... sharing one code object
     for n, r in zip((5, 17, 300), recs):
         out = codec.decode(r, True, 1)
         assert out["label"] == n and np.array_equal(out["tokens"], np.arange(n))

@@ -10,11 +10,10 @@ import warnings
 
 import lmdb
 import pytest
+from helpers import ImageSource, RaggedSource, same
 
 from kvcache import CorruptRecordError, LmdbCachedDataset, codec
 from kvcache.store import KEY
-
-from helpers import ImageSource, RaggedSource, same
 
 N = 24
 
@@ -93,8 +92,8 @@ def test_getitems_and_getitem_agree_on_hostile_records(tmp_path, make, verify, w
             two = LmdbCachedDataset(src if with_source else None, path, readonly=True, verify=verify)
             with one, two:
                 for _ in range(4):
-                    a = _outcome(lambda: one[3])
-                    b = _outcome(lambda: two.__getitems__([3])[0])
+                    a = _outcome(lambda one=one: one[3])
+                    b = _outcome(lambda two=two: two.__getitems__([3])[0])
                     assert _agree(a, b), (rec, a, b)
                     if a[0] == "ok" and with_source and verify and not codec.checksum_ok(rec):
                         # Damaged bytes are never served as a sample when verified.
@@ -102,8 +101,8 @@ def test_getitems_and_getitem_agree_on_hostile_records(tmp_path, make, verify, w
                 assert one.stats() == two.stats(), rec
                 # In a batch (the hostile record between two good ones): the same result.
                 # (Counts may differ: a batch reads every index before computing misses.)
-                c = _outcome(lambda: [one[i] for i in (2, 3, 4)])
-                d = _outcome(lambda: two.__getitems__([2, 3, 4]))
+                c = _outcome(lambda one=one: [one[i] for i in (2, 3, 4)])
+                d = _outcome(lambda two=two: two.__getitems__([2, 3, 4]))
                 assert c[0] == d[0] and (c[0] != "ok" or all(same(x, y) for x, y in zip(c[1], d[1])))
 
 

@@ -29,7 +29,7 @@ import bench_systems as S
 
 def steps(name: str, n: int, root: str) -> dict:
     from kvcache import codec
-    from kvcache.layout import _PLANS
+    from kvcache.plans import _PLANS
     from kvcache.store import KEY
 
     data = B.make_data(name, n)
