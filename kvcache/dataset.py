@@ -335,7 +335,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         """A miss: compute from the source (or a pending write) and buffer the record."""
         w = self._writer
         pending = w.pending(i)
-        if pending is not None:
+        if pending is not None:  # computed earlier, not committed yet: a hit all the same
+            self._stats.hits += 1
             return _decode(pending, False)
         if self.source is None:
             raise MissingSampleError(

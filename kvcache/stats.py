@@ -11,7 +11,7 @@ __all__ = ["BuildReport", "CacheStats"]
 class CacheStats:
     """This process's counts for one dataset (DataLoader workers each keep their own)."""
 
-    hits: int = 0  # served from LMDB
+    hits: int = 0  # served from the cache (LMDB, or a computed sample not yet committed)
     misses: int = 0  # computed from the source
     lru_hits: int = 0  # served from the in-process LRU
     writes: int = 0  # records committed by this process
