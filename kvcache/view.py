@@ -90,8 +90,15 @@ class CacheView:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def __contains__(self, index: int) -> bool:
-        return index in set(self.keys())
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int):
+            return False
+        if not 0 <= index < 1 << 64:
+            return False
+        fp, e = self._fp(), self.store.handle()
+        with self.store.begin(e.meta) as txn:
+            row = txn.get(KEY.pack(index))
+            return row is not None and len(row) >= META_ROW.size and META_ROW.unpack_from(row, 0)[0] == fp
 
     def get(self, index: int) -> Any:
         """The sample at ``index``.
