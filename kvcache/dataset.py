@@ -23,6 +23,7 @@ from .errors import (
     CacheCorruptError,
     CorruptRecordError,
     KvCacheError,
+    KvCacheWarning,
     MissingSampleError,
     SampleTooLargeError,
 )
@@ -363,7 +364,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, KvCacheWarning, stacklevel=3)
 
     # -- the rest of the public API
 

@@ -28,6 +28,7 @@ from .errors import (
     CacheCorruptError,
     CacheReadOnlyError,
     IncompatibleCacheError,
+    KvCacheWarning,
     NotACacheError,
 )
 from .extent import check_extent_in_child, size_guard_ok
@@ -300,7 +301,7 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
                 warnings.warn(
                     f"kvcache: {path}: the LMDB reader table has {env.max_readers()} slots, fewer "
                     f"than the {max_readers} asked for (the first process to open the cache set it); "
-                    "more readers than that will get CacheBusyError", RuntimeWarning, stacklevel=2)
+                    "more readers than that will get CacheBusyError", KvCacheWarning, stacklevel=2)
         if e.readonly:
             e.samples = env.open_db(b"samples", create=False)
             e.meta = env.open_db(b"meta", create=False)

@@ -17,6 +17,7 @@ __all__ = [
     "CorruptRecordError",
     "IncompatibleCacheError",
     "KvCacheError",
+    "KvCacheWarning",
     "MissingSampleError",
     "NotACacheError",
     "SampleTooLargeError",
@@ -27,6 +28,12 @@ __all__ = [
 
 class KvCacheError(Exception):
     """Base class of every error kvcache raises."""
+
+
+class KvCacheWarning(RuntimeWarning):
+    """The category of every warning kvcache emits (a degraded write-back, a damaged
+    record recomputed, a reset cache...): filter kvcache's warnings by this class, e.g.
+    ``warnings.simplefilter("ignore", kvcache.KvCacheWarning)``."""
 
 
 class UnsupportedSampleError(KvCacheError, TypeError):

@@ -20,7 +20,7 @@ import weakref
 from multiprocessing.util import Finalize
 from typing import Any
 
-from .errors import CacheFullError, CacheReadOnlyError, CacheWriteError, KvCacheError
+from .errors import CacheFullError, CacheReadOnlyError, CacheWriteError, KvCacheError, KvCacheWarning
 from .store import Store
 
 __all__ = ["Writer"]
@@ -112,7 +112,7 @@ class Writer:
             self.warned.add(kind)
             how = "write-back is off for this process" if permanent else f"retrying in {RETRY_AFTER:.0f}s"
             warnings.warn(f"kvcache: {exc}; samples keep coming from the source, {how}",
-                          RuntimeWarning, stacklevel=4)
+                          KvCacheWarning, stacklevel=4)
 
     def discard(self) -> None:
         self.rows, self.nbytes = {}, 0
