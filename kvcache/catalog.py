@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import StaleCacheError
 from .fingerprint import diff_parts, digest
-from .store import Store
+from .store import Rows, Store
 
 __all__ = ["Resolved", "current", "fingerprints", "resolve"]
 
@@ -76,7 +76,10 @@ def resolve(store: Store, parts: dict[str, Any] | None, length: int | None, on_s
     reset = bool(stale) and on_stale == "reset"
     e = store.handle()
 
-    def register(txn: Any) -> int:
+    def register(rows: Rows) -> int:
+        # through store.Rows: an on_stale reset empties the tally with the rows, and a
+        # cache written before the tally existed gets one counted here, once
+        txn = rows.txn
         raw = txn.get(b"fp:" + dg.encode(), db=e.info)
         if raw is None:
             nxt = txn.get(b"fp_next", db=e.info)
@@ -87,10 +90,9 @@ def resolve(store: Store, parts: dict[str, Any] | None, length: int | None, on_s
         else:
             fp_id = json.loads(bytes(raw))["id"]
         if reset:
-            txn.drop(e.samples, delete=False)
-            txn.drop(e.meta, delete=False)
+            rows.clear()
         txn.put(b"current", json.dumps({"id": fp_id, "digest": dg, "length": length}).encode(), db=e.info)
         return fp_id
 
-    fp_id = store.transact(register)
+    fp_id = store.transact_rows(register)
     return Resolved(fp_id, length, stale, reset)

@@ -150,7 +150,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
          f"data.mdb on disk {_size(r.disk_bytes)})"),
         f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
         f"readers:       {r.readers_used} of {r.max_readers} slots in use",
-        f"layouts:       {r.layouts}",
+        f"layouts:       {r.layouts}" + (f" (and {r.other_layout_entries:,} records of further layouts)"
+                                             if r.other_layout_entries else ""),
     ]
     out += [f"  {leaf}" for leaf in r.leaves]
     out += [f"created:       {_when(r.created)}", f"last written:  {_when(r.last_written)}"]

@@ -8,7 +8,12 @@ kvcache errors. One environment directory holds ``data.mdb``, ``lock.mdb`` and
 * ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout),
   written in the same transaction as the record
 * ``info``:    format version, codec version, fingerprints and their parts, current
-  fingerprint, recorded map size, created and last-written times
+  fingerprint, recorded map size, created and last-written times, and the tally of
+  metadata rows per fingerprint (:mod:`kvcache.tally`)
+
+Every change to ``samples`` and ``meta`` goes through :class:`Rows` (``write_records``,
+``delete_keys`` and ``transact_rows`` use it), which keeps the tally in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from .errors import (
     CacheWriteError,
     KvCacheError,
 )
+from .tally import NO_FP, TALLY_KEY, Tally
 
-__all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "META_ROW", "Store", "index_of", "key_of", "translate"]
+__all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "META_ROW", "Rows", "Store", "index_of", "key_of",
+           "translate"]
 
 KEY = struct.Struct(">Q")
 META_ROW = struct.Struct("<IQQ")  # fp_id, checksum, record bytes; the layout follows
@@ -44,6 +51,87 @@ key_of = KEY.pack
 
 def index_of(key: bytes) -> int:
     return KEY.unpack(key)[0]
+
+
+# --------------------------------------------------------------------------- rows and their tally
+
+
+class Rows:
+    """The records and metadata rows of one write transaction, with their tally.
+
+    Every writer changes ``samples`` and ``meta`` through this class (the Store's write
+    methods, gc, verify's repair, the salvage copy), so the tally of metadata rows per
+    fingerprint stays exact; :meth:`save` writes it into the same transaction. Opening
+    recounts (one walk of ``meta``) when the stored tally is missing or does not describe
+    the rows there (a cache written before the tally existed).
+
+    Args:
+        txn: a write transaction (``buffers=False``).
+        samples, meta, info: the three databases.
+    """
+
+    def __init__(self, txn: Any, samples: Any, meta: Any, info: Any) -> None:
+        self.txn, self.samples, self.meta, self.info = txn, samples, meta, info
+        t = Tally.from_json(txn.get(TALLY_KEY, db=info))
+        if t is None or t.rows != txn.stat(meta)["entries"]:
+            t = count_rows(txn, meta)
+        self.tally = t
+
+    def _note(self, row: Any, sign: int) -> None:
+        if len(row) >= META_ROW.size:
+            fp, _cs, size = META_ROW.unpack_from(row, 0)
+            self.tally.add(fp, size, bytes(row[META_ROW.size:]), sign)
+        else:
+            self.tally.add(NO_FP, 0, b"", sign)
+
+    def put(self, key: bytes, record: bytes, meta_row: bytes, keep_fp: int | None = None) -> bool:
+        """Store ``record`` and its metadata row at ``key``; False where ``keep_fp`` is
+        given and the key already holds a valid record of that fingerprint (kept)."""
+        txn = self.txn
+        # put(overwrite=False) is one B-tree descent for the common new key; only a key
+        # that exists is read, and kept if it is a valid record of this source.
+        if not txn.put(key, record, db=self.samples, overwrite=False):
+            if keep_fp is not None:
+                old = txn.get(key, db=self.samples)
+                if codec.checksum_ok(old) and codec.HEADER.unpack_from(old, 0)[3] == keep_fp:
+                    return False
+            txn.put(key, record, db=self.samples)
+        if not txn.put(key, meta_row, db=self.meta, overwrite=False):
+            self._note(txn.get(key, db=self.meta), -1)
+            txn.put(key, meta_row, db=self.meta)
+        self._note(meta_row, 1)
+        return True
+
+    def delete(self, key: bytes) -> tuple[bool, bool]:
+        """Delete the record and the metadata row at ``key``; which of them were there."""
+        txn = self.txn
+        row = txn.get(key, db=self.meta)
+        if row is not None:
+            txn.delete(key, db=self.meta)
+            self._note(row, -1)
+        return bool(txn.delete(key, db=self.samples)), row is not None
+
+    def clear(self) -> None:
+        """Delete every record and metadata row."""
+        self.txn.drop(self.samples, delete=False)
+        self.txn.drop(self.meta, delete=False)
+        self.tally = Tally()
+
+    def save(self) -> None:
+        """Write the tally (call once, after the last change, in the same transaction)."""
+        self.txn.put(TALLY_KEY, self.tally.to_json(), db=self.info)
+
+
+def count_rows(txn: Any, meta: Any) -> Tally:
+    """A tally of the metadata rows by walking them (what :class:`Rows` keeps up to date)."""
+    t = Tally()
+    for _k, row in txn.cursor(db=meta):
+        if len(row) >= META_ROW.size:
+            fp, _cs, size = META_ROW.unpack_from(row, 0)
+            t.add(fp, size, bytes(row[META_ROW.size:]))
+        else:
+            t.add(NO_FP, 0, b"")
+    return t
 
 
 # --------------------------------------------------------------------------- the store
@@ -141,6 +229,20 @@ class Store:
                     out[bytes(k).decode(errors="replace")] = None
         return out
 
+    def tally(self) -> Tally:
+        """The metadata rows per fingerprint: the stored tally (O(1)), or a walk of the
+        rows where the cache has none that matches them (written before the tally existed)."""
+        e = self.handle()
+        with self.begin(e.info) as txn:
+            t = Tally.from_json(txn.get(TALLY_KEY))
+            if t is not None and t.rows == txn.stat(e.meta)["entries"]:
+                return t
+            return count_rows(txn, e.meta)
+
+    def count(self, fp_id: int | None) -> int:
+        """How many metadata rows ``fp_id`` wrote (O(1) where the tally is stored)."""
+        return 0 if fp_id is None else self.tally().get(fp_id).rows
+
     def info_put(self, items: dict[bytes, Any], overwrite: bool = True) -> None:
         e = self.handle()
         self.transact(lambda txn: [txn.put(k, json.dumps(v).encode(), db=e.info, overwrite=overwrite)
@@ -156,39 +258,36 @@ class Store:
         Raises:
             CacheFullError, CacheReadOnlyError, CacheWriteError.
         """
-        e = self.handle()
         batch = {key_of(i): (rec, meta) for i, rec, meta in rows}  # dedupe within the txn
         stamp = json.dumps(time.time()).encode()
 
-        def put_all(txn: Any) -> int:
+        def put_all(w: Rows) -> int:
             n = 0
             for key, (rec, meta) in batch.items():
-                # put(overwrite=False) is one B-tree descent for the common new key; only a
-                # key that exists is read, and kept if it is a valid record of this source.
-                if not txn.put(key, rec, db=e.samples, overwrite=False):
-                    old = txn.get(key, db=e.samples)
-                    if codec.checksum_ok(old) and codec.HEADER.unpack_from(old, 0)[3] == fp_id:
-                        continue
-                    txn.put(key, rec, db=e.samples)
-                txn.put(key, meta, db=e.meta)
-                n += 1
-            txn.put(b"last_written", stamp, db=e.info)
+                n += w.put(key, rec, meta, keep_fp=fp_id)
+            w.txn.put(b"last_written", stamp, db=w.info)
             return n
 
-        return self.transact(put_all)
+        return self.transact_rows(put_all)
 
     def delete_keys(self, indices: Iterable[int]) -> int:
+        """Delete the records and metadata rows of ``indices``; return how many records
+        were there."""
+        keys = [key_of(i) for i in indices]
+        return self.transact_rows(lambda w: sum(w.delete(k)[0] for k in keys))
+
+    def transact_rows(self, fn: Any) -> Any:
+        """Run ``fn(rows)`` in a write transaction, ``rows`` a :class:`Rows` whose tally
+        is saved when ``fn`` returns."""
         e = self.handle()
 
-        def drop(txn: Any) -> int:
-            n = 0
-            for i in indices:
-                k = key_of(i)
-                n += bool(txn.delete(k, db=e.samples))
-                txn.delete(k, db=e.meta)
-            return n
+        def run(txn: Any) -> Any:
+            rows = Rows(txn, e.samples, e.meta, e.info)
+            out = fn(rows)
+            rows.save()
+            return out
 
-        return self.transact(drop)
+        return self.transact(run)
 
     def transact(self, fn: Any) -> Any:
         """Run ``fn(txn)`` in a write transaction, growing the map on MapFull."""

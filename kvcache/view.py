@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from . import catalog, codec
 from .errors import CorruptRecordError, MissingSampleError
@@ -31,10 +33,16 @@ class CacheInfo:
     last_written: float | None = None
 
 
-class CacheView:
-    """Read-only access to a cache: ``info()``, ``keys()``, ``get(index)``.
+class CacheView(Mapping):
+    """Read-only access to a cache: a ``Mapping`` from index to sample, plus ``info()``.
 
-    Records of the current fingerprint are served; ``get`` verifies checksums.
+    Only records of the current fingerprint count: ``view[i]`` decodes (and, with
+    ``verify``, checks) the sample at ``i``, and raises :class:`MissingSampleError` (a
+    ``KeyError``) where there is none; ``view.get(i, default)``, ``i in view``,
+    ``len(view)`` (read from the cache's tally, not by walking it), ``keys()``,
+    ``items()`` and ``values()`` behave as they do on a ``dict``. Iteration is in
+    ascending index order, over the indices cached when it starts. The raw record bytes
+    are :meth:`record`.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
@@ -56,25 +64,20 @@ class CacheView:
         fps = catalog.fingerprints(s)
         with s.begin(e.samples) as txn:
             entries = txn.stat(e.samples)["entries"]
-        total = 0
-        with s.begin(e.meta) as txn:
-            for _k, v in txn.cursor():
-                if len(v) >= META_ROW.size:
-                    total += META_ROW.unpack_from(v, 0)[2]
         envinfo = e.env.info()
         fp = None
         if cur:
             fp = {"id": cur["id"], "digest": cur["digest"], "parts": fps.get(cur["id"], {}).get("parts")}
         return CacheInfo(
             path=self.path, format_version=fmt.get("version"), codec_version=fmt.get("codec"),
-            fingerprint=fp, fingerprints=fps, entries=entries, total_bytes=total,
+            fingerprint=fp, fingerprints=fps, entries=entries, total_bytes=s.tally().bytes,
             file_bytes=(envinfo["last_pgno"] + 1) * e.env.stat()["psize"], map_size=max(envinfo["map_size"], int(items.get("map_size") or 0)),
             source_length=cur.get("length") if cur else None, created=fmt.get("created"),
             last_written=items.get("last_written"),
         )
 
-    def keys(self) -> list[int]:
-        """Cached indices of the current fingerprint, ascending."""
+    def _indices(self) -> list[int]:
+        """Cached indices of the current fingerprint, ascending (one walk of the rows)."""
         fp = self._fp()
         e = self.store.handle()
         out = []
@@ -85,26 +88,25 @@ class CacheView:
         return out
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.keys())
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return self.store.count(self._fp())
 
     def __contains__(self, index: object) -> bool:
-        if not isinstance(index, int):
-            return False
-        if not 0 <= index < 1 << 64:
+        index = _as_index(index)
+        if index is None:
             return False
         fp, e = self._fp(), self.store.handle()
         with self.store.begin(e.meta) as txn:
             row = txn.get(KEY.pack(index))
             return row is not None and len(row) >= META_ROW.size and META_ROW.unpack_from(row, 0)[0] == fp
 
-    def get(self, index: int) -> Any:
+    def __getitem__(self, index: int) -> Any:
         """The sample at ``index``.
 
         Raises:
-            MissingSampleError: not cached (or cached by another fingerprint).
+            MissingSampleError: not cached (or cached by another fingerprint); a KeyError.
             CorruptRecordError: the record fails its checksum.
         """
         raw = self.record(index)
@@ -118,7 +120,15 @@ class CacheView:
             ) from None
 
     def record(self, index: int) -> bytes:
-        """The raw record bytes at ``index``."""
+        """The raw record bytes at ``index`` (of whichever fingerprint wrote it, unchecked).
+
+        Raises:
+            MissingSampleError: no record there.
+        """
+        i = _as_index(index)
+        if i is None:
+            raise MissingSampleError(f"{self.path}: {index!r} is not an index of the cache")
+        index = i
         with self.store.begin() as txn:
             raw = txn.get(KEY.pack(index))
             if raw is None:
@@ -133,6 +143,18 @@ class CacheView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        return f"CacheView({self.path!r})"
+
+
+def _as_index(x: object) -> int | None:
+    """``x`` as a key of the cache (an int in 0..2**64-1, as a dict would take it), or None."""
+    try:
+        i = operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return i if 0 <= i < 1 << 64 else None
 
 
 def open_cache(path: str | os.PathLike, *, verify: bool = True) -> CacheView:

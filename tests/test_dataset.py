@@ -69,7 +69,7 @@ def test_first_access_computes_then_hits(path, tmp_path):
         [ds[i] for i in range(N)]
         assert ds.stats().lru_hits == N
     assert counts(log) == {i: 1 for i in range(N)}
-    assert open_cache(path).keys() == list(range(N))
+    assert list(open_cache(path).keys()) == list(range(N))
 
 
 def test_a_pending_write_is_served_without_recomputing(path, tmp_path):
@@ -165,7 +165,7 @@ def test_build_fills_every_index_and_resumes(path):
         rep = ds.build(progress=False)
         assert (rep.computed, rep.already_cached) == (0, N)
     view = open_cache(path)
-    assert view.keys() == list(range(N))
+    assert list(view.keys()) == list(range(N))
     info = view.info()
     assert info.entries == N and info.source_length == N and info.format_version == 1
     assert same(view.get(7), src[7])
@@ -269,7 +269,7 @@ def test_on_stale_recompute_never_serves_old_rows(path, change):
             assert same(ds[i], new[i])
     with LmdbCachedDataset(None, path) as ro:
         assert same(ro[0], new[0])
-    assert open_cache(path).keys() == list(range(N))
+    assert list(open_cache(path).keys()) == list(range(N))
 
 
 def test_on_stale_reset_empties_the_cache(path):
@@ -277,7 +277,7 @@ def test_on_stale_reset_empties_the_cache(path):
     with pytest.warns(RuntimeWarning, match="emptied"):
         ds = LmdbCachedDataset(ImageSource(N, salt=1), path, version=2, on_stale="reset")
     with open_cache(path) as view:
-        assert view.keys() == [] and view.info().entries == 0
+        assert list(view.keys()) == [] and view.info().entries == 0
     assert same(ds[0], ImageSource(N, salt=1)[0])
     ds.close()
 
@@ -348,7 +348,7 @@ def test_sample_too_large_is_served_uncached(path):
                 assert same(ds[i], src[i])
             assert ds.stats().too_large == N
     assert len(rec) == 1 and "encodes to" in str(rec[0].message)
-    assert open_cache(path).keys() == []
+    assert list(open_cache(path).keys()) == []
 
 
 def test_cache_full_warns_once_and_keeps_serving(path):

@@ -167,5 +167,5 @@ def test_read_only_location_serves_hits_and_computes_misses(readonly_cache, tmp_
     with LmdbCachedDataset(None, readonly_cache) as ro:
         assert same(ro[2], src[2])
     with open_cache(readonly_cache) as view:
-        assert view.keys() == list(range(0, N, 2))
+        assert list(view.keys()) == list(range(0, N, 2))
     assert snapshot(tmp_path / "rw") == before

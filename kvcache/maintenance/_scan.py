@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import codec, layout
 from ..errors import CorruptRecordError
-from ..store import KEY, META_ROW
+from ..store import KEY, META_ROW, Rows
 
 _PROGRESS_EVERY = 1000
 
@@ -242,10 +242,11 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
 
     def commit() -> None:
         with out.begin(write=True) as otxn:
+            rows = Rows(otxn, o_samples, o_meta, o_info)  # recounts the copied info's tally
             for kb, rec in batch:
                 fp, checksum, _ = codec.read_header(rec)
-                otxn.put(kb, rec, db=o_samples)
-                otxn.put(kb, META_ROW.pack(fp, checksum, len(rec)) + codec.record_layout(rec), db=o_meta)
+                rows.put(kb, rec, META_ROW.pack(fp, checksum, len(rec)) + codec.record_layout(rec))
+            rows.save()
         batch.clear()
 
     for kb in sorted(keys):
@@ -269,6 +270,7 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
     if batch:
         commit()
     with out.begin(write=True, db=o_info) as otxn:
+        Rows(otxn, o_samples, o_meta, o_info).save()  # a tally even when nothing was copied
         otxn.put(b"last_written", json.dumps(time.time()).encode())
         if otxn.get(b"format") is None:  # the info rows were lost: still a cache of this format
             from ..env import FORMAT_VERSION

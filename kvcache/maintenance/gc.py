@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .. import codec
 from ..catalog import current
 from ..errors import CorruptRecordError
-from ..store import META_ROW, Store
+from ..store import META_ROW, Rows, Store
 from ._common import check_cache, file_bytes, live_bytes
 
 __all__ = ["GcReport", "gc"]
@@ -38,7 +38,8 @@ def gc(path: str | os.PathLike) -> GcReport:
         cur = current(store)
         cur_id = cur["id"] if cur else None
 
-        def drop(txn) -> tuple[int, int]:
+        def drop(rows: Rows) -> tuple[int, int]:
+            txn = rows.txn
             doomed, kept = [], 0
             for k, v in txn.cursor(db=e.samples):
                 try:
@@ -54,11 +55,10 @@ def gc(path: str | os.PathLike) -> GcReport:
                     doomed.append(bytes(k))
             removed = set()
             for k in doomed:
-                if txn.delete(k, db=e.samples):
+                if rows.delete(k)[0]:
                     removed.add(k)
-                txn.delete(k, db=e.meta)
             return len(removed), kept
 
-        removed, kept = store.transact(drop)
+        removed, kept = store.transact_rows(drop)
         fb = file_bytes(e.env)
         return GcReport(path, removed, kept, fb, max(fb - live_bytes(e.env), 0))

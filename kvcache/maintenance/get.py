@@ -47,7 +47,7 @@ def get_sample(path: str | os.PathLike, index: int, out: str | os.PathLike | Non
     """
     path = check_cache(path)
     with CacheView(path) as view:
-        sample = view.get(index)
+        sample = view[index]
     rep = SampleReport(path=path, index=index, structure=_structure(sample))
     if out is not None:
         os.makedirs(out, exist_ok=True)

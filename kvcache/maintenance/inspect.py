@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field, fields
 
 from .. import codec
-from ..store import META_ROW
 from ..view import CacheInfo, CacheView
 from ._common import check_cache, live_bytes
 
@@ -29,7 +27,7 @@ class LeafSummary:
 @dataclass(frozen=True)
 class InspectReport(CacheInfo):
     """:class:`kvcache.CacheInfo` (``total_bytes`` is the logical size: the sum of record
-    sizes; ``file_bytes`` what the environment uses) and what only a walk tells."""
+    sizes; ``file_bytes`` what the environment uses) and what the tally and LMDB tell."""
 
     current_entries: int = 0  # records of the current fingerprint
     stale_entries: int = 0  # records of other fingerprints (``kvcache gc`` drops them)
@@ -39,14 +37,16 @@ class InspectReport(CacheInfo):
     readers_used: int = 0
     max_readers: int = 0
     leaves: list[LeafSummary] = field(default_factory=list)
-    layouts: int = 0  # distinct layouts among current records
+    layouts: int = 0  # distinct layouts among current records (the first MAX_LAYOUTS)
+    other_layout_entries: int = 0  # current records of layouts past the first MAX_LAYOUTS
 
 
 def inspect_cache(path: str | os.PathLike) -> InspectReport:
     """Describe the cache at ``path`` without decoding any record.
 
-    Reads the info rows and every metadata row (a few bytes each), so it takes well
-    under a second per 100k entries.
+    Reads the info rows only: the counts, sizes and layouts come from the cache's tally
+    of metadata rows (:mod:`kvcache.tally`), kept by every writer. A cache written
+    before the tally existed has its metadata rows walked instead (a few bytes each).
 
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
@@ -56,18 +56,9 @@ def inspect_cache(path: str | os.PathLike) -> InspectReport:
         info = view.info()
         store = view.store
         e = store.handle()
-        cur_id = info.fingerprint["id"] if info.fingerprint else None
-        layouts: Counter[bytes] = Counter()
-        current = 0
-        with store.begin(e.meta) as txn:
-            for _k, v in txn.cursor():
-                if len(v) < META_ROW.size:
-                    continue
-                if META_ROW.unpack_from(v, 0)[0] == cur_id:
-                    current += 1
-                    layouts[bytes(v[META_ROW.size:])] += 1
+        cur = store.tally().get(info.fingerprint["id"] if info.fingerprint else None)
         leaves: list[LeafSummary] = []
-        for lay, n in layouts.most_common():
+        for lay, n in sorted(cur.layouts.items(), key=lambda kv: -kv[1]):
             try:
                 described = codec.describe_layout(lay)
             except codec.CorruptRecordError:
@@ -78,11 +69,11 @@ def inspect_cache(path: str | os.PathLike) -> InspectReport:
         readers = [ln for ln in e.env.readers().splitlines()[1:] if ln.strip()]
         return InspectReport(
             **{f.name: getattr(info, f.name) for f in fields(CacheInfo)},
-            current_entries=current, stale_entries=info.entries - current,
+            current_entries=cur.rows, stale_entries=info.entries - cur.rows,
             live_bytes=live_bytes(e.env), disk_bytes=os.path.getsize(os.path.join(path, "data.mdb")),
             map_used=info.file_bytes / info.map_size if info.map_size else 0.0,
             readers_used=len(readers), max_readers=e.env.max_readers(), leaves=leaves,
-            layouts=len(layouts),
+            layouts=len(cur.layouts), other_layout_entries=cur.other,
         )
 
 

@@ -98,9 +98,7 @@ def merge(dest: str | os.PathLike, srcs: list[str | os.PathLike]) -> MergeReport
                         if len(rows) >= BATCH:
                             _write(store, rows, fp_id, rep)
                 _write(store, rows, fp_id, rep)
-        e = store.handle()
-        with store.begin(e.meta) as txn:
-            rep.entries = sum(1 for _k, m in txn.cursor() if META_ROW.unpack_from(m, 0)[0] == fp_id)
+        rep.entries = store.count(fp_id)
     return rep
 
 

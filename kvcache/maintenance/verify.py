@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
+from ..store import KEY, Rows
 from ._common import exclusive, open_raw, sibling_dir, swap_in
 from .spec import Progress, load_spec, progress_callback
 
@@ -190,17 +191,15 @@ def _salvage(path: str) -> int:
 
 
 def _remove(path: str, indices: list[int]) -> int:
-    from ..store import KEY
-
     env = open_raw(path, write=True)
     try:
-        samples, meta = env.open_db(b"samples", create=False), env.open_db(b"meta", create=False)
+        dbs = [env.open_db(name, create=False) for name in (b"samples", b"meta", b"info")]
         n = 0
         with env.begin(write=True) as txn:
+            rows = Rows(txn, *dbs)  # keeps the tally of metadata rows
             for i in indices:
-                k = KEY.pack(i)
-                n += bool(txn.delete(k, db=samples))
-                n += bool(txn.delete(k, db=meta))
+                n += sum(rows.delete(KEY.pack(i)))
+            rows.save()
         return n
     finally:
         env.close()

@@ -108,7 +108,7 @@ def test_f19_overlapping_writers(tmp_path):
         assert sorted(int(i) for _, i in dl) == list(range(600))
     ds.close()
     view = kvcache.open_cache(path)
-    assert view.keys() == list(range(600)) and view.info().entries == 600
+    assert list(view.keys()) == list(range(600)) and view.info().entries == 600
     assert all(same(view.get(i), sample_for(i)) for i in range(600))
     view.close()
     maintenance = pytest.importorskip("kvcache.maintenance")

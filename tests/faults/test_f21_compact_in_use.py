@@ -66,7 +66,7 @@ def test_f21_compact_while_in_use(tmp_path):
     assert rep["entries"] == KEEP + 1
     assert m.verify(path).ok
     with kvcache.open_cache(path) as v:
-        assert v.keys() == [*range(KEEP), 250]
+        assert list(v.keys()) == [*range(KEEP), 250]
         assert same(v.get(250), sample_for(250, SIZE)) and same(v.get(7), sample_for(7, SIZE))
     with kvcache.LmdbCachedDataset(ArraySource(N, SIZE), path) as ds:  # reopens and writes after the swap
         assert same(ds[300], sample_for(300, SIZE)) and ds.flush() == 1
