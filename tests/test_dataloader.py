@@ -58,12 +58,12 @@ def test_three_epochs_with_workers(tmp_path, method, persistent, touch_first):
             # Every worker's buffered batch reached the cache when the worker exited,
             # and main's pending index 0 was flushed before the workers forked.
             with open_cache(path) as view:
-                assert view.keys() == list(range(N))
+                assert list(view.keys()) == list(range(N))
         assert reader_slots(path) <= MAX_SLOTS
     del loader  # persistent workers exit here and flush their buffers
     ds.flush()
     with open_cache(path) as view:
-        assert view.keys() == list(range(N))
+        assert list(view.keys()) == list(range(N))
     # Each index was computed exactly once, in epoch 1 (main's index 0 was written
     # before the fork, so the workers read it from the cache).
     assert counts(log) == {i: 1 for i in range(N)}
@@ -88,7 +88,7 @@ def test_shuffled_persistent_workers_and_write_back(tmp_path):
         assert sorted(labels.tolist()) == want
     del loader  # persistent workers exit here and flush what they buffered
     with open_cache(path) as view:
-        assert view.keys() == list(range(N))
+        assert list(view.keys()) == list(range(N))
         for i in (0, 99, 199):
             assert torch.equal(view.get(i)[0], src[i][0])
     assert reader_slots(path) <= MAX_SLOTS
