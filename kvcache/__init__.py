@@ -4,6 +4,7 @@ from .dataset import BuildReport, CacheStats, LmdbCachedDataset
 from .errors import (
     CacheBusyError,
     CacheCorruptError,
+    CacheExistsError,
     CacheFullError,
     CacheReadOnlyError,
     CacheWriteError,
@@ -12,11 +13,13 @@ from .errors import (
     KvCacheError,
     KvCacheWarning,
     MissingSampleError,
+    NetworkFilesystemError,
     NotACacheError,
     SampleTooLargeError,
     StaleCacheError,
     UnsupportedSampleError,
 )
+from .maintenance.publish import PublishReport, publish
 from .view import CacheInfo, CacheView, open_cache
 
 __version__ = "0.1.0"
@@ -25,6 +28,7 @@ __all__ = [
     "BuildReport",
     "CacheBusyError",
     "CacheCorruptError",
+    "CacheExistsError",
     "CacheFullError",
     "CacheInfo",
     "CacheReadOnlyError",
@@ -37,10 +41,13 @@ __all__ = [
     "KvCacheWarning",
     "LmdbCachedDataset",
     "MissingSampleError",
+    "NetworkFilesystemError",
     "NotACacheError",
+    "PublishReport",
     "SampleTooLargeError",
     "StaleCacheError",
     "UnsupportedSampleError",
     "__version__",
     "open_cache",
+    "publish",
 ]

@@ -1,7 +1,8 @@
 """The ``kvcache`` command: a thin click layer over :mod:`kvcache.maintenance`.
 
 Exit codes: 0 ok; 1 problems found (bad records, a busy or damaged cache, any other
-kvcache error); 2 usage error or a path that is not a cache (or of another format);
+kvcache error); 2 usage error or a path that is not a cache (or of another format, or
+a publish destination that exists without --force);
 130 a build interrupted by Ctrl-C.
 Every reporting command takes ``--json``. A kvcache error is one line on stderr.
 """
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import maintenance as m
-from .errors import IncompatibleCacheError, KvCacheError, NotACacheError
+from .errors import CacheExistsError, IncompatibleCacheError, KvCacheError, NotACacheError
 
 __all__ = ["cli", "main"]
 
@@ -37,7 +38,7 @@ def _guard(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (NotACacheError, IncompatibleCacheError) as exc:
+        except (NotACacheError, IncompatibleCacheError, CacheExistsError) as exc:
             _fail(exc, EXIT_USAGE)
         except KvCacheError as exc:
             _fail(exc, EXIT_PROBLEMS)
@@ -149,7 +150,11 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         (f"file bytes:    {_size(r.file_bytes)} (compacted about {_size(r.live_bytes)}; "
          f"data.mdb on disk {_size(r.disk_bytes)})"),
         f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
-        f"readers:       {r.readers_used} of {r.max_readers} slots in use",
+        f"readers:       {r.readers_used} of {r.max_readers} slots in use"
+        + (" (opened lock-free: no reader table)" if r.lockfree else ""),
+        f"filesystem:    {r.filesystem or 'unknown'}",
+        "published:     " + (f"yes, {_when(r.published.get('time'))} from {r.published.get('from')} "
+                             "(immutable; read lock-free)" if r.published else "no"),
         f"layouts:       {r.layouts}" + (f" (and {r.other_layout_entries:,} records of further layouts)"
                                              if r.other_layout_entries else ""),
     ]
@@ -296,6 +301,33 @@ def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
                 lines.append(f"skipped {len(bad)} bad records of {s}: {_list(bad)}")
         click.echo("\n".join(lines))
     sys.exit(EXIT_OK if r.ok else EXIT_PROBLEMS)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+@cli.command("publish")
+@click.argument("src", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace an existing cache at DEST (atomically).")
+@_reporting
+def publish_cmd(src: str, dest: str, force: bool, as_json: bool) -> None:
+    """Publish the cache SRC as an immutable, compacted, verified copy at DEST.
+
+    For shared or network storage: readers open DEST read-only without any lock, from
+    any number of hosts, and never write under it. DEST appears complete or not at all.
+    """
+    bar = _Bar("publish", not as_json)
+    try:
+        r = m.publish(src, dest, force=force, progress=bar.arg())
+    finally:
+        bar.close()
+    if as_json:
+        return _json(r)
+    click.echo(f"published {r.src} -> {r.dest}: {r.entries:,} records verified\n"
+               f"size: {_size(r.bytes)} (source data.mdb {_size(r.src_bytes)})\n"
+               + (f"replaced the previous cache ({r.exchange})\n" if r.replaced else "")
+               + f"{r.seconds:.2f} s")
 
 
 # --------------------------------------------------------------------------- get

@@ -65,8 +65,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         readonly: never write (misses are computed and returned, not stored).
         map_size: the initial LMDB map size; it grows by doubling on demand.
         max_map_size: the cap on growth; past it write-back stops with one warning.
-        readahead: OS readahead on the map (off suits random reads on local disk; on
-            suits caches published read-only on network storage).
+        readahead: OS readahead on the map. None (the default): on for a published
+            cache or one on a network filesystem (each page fault there is a round trip;
+            docs/network.md measures it), off otherwise (random reads on local disk).
         max_sample_bytes: records above this are served uncached (SampleTooLargeError
             is warned once).
         write_batch: records per write transaction (a batch is also written once it
@@ -74,6 +75,16 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             (~2-10 ms here): at 256 records it was 5-20% of a first epoch over a
             200 µs/item source and half of a build's time.
         spot_check: recompute this many random cached samples at open and compare.
+        allow_network_writes: write the cache even on a network or FUSE filesystem. By
+            default kvcache refuses (LMDB is not safe there across hosts): a cache found
+            there is read lock-free like a published one, a new one is not created, and
+            misses are computed, not stored, with one warning naming the fix (build on
+            local disk, then ``kvcache publish``). ``KVCACHE_ALLOW_NETWORK_WRITES=1``
+            does the same as True.
+
+    A *published* cache (``kvcache publish``) and any cache on a network filesystem are
+    opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
+    processes on many hosts can read one at once.
 
     Raises:
         NotACacheError, IncompatibleCacheError, StaleCacheError, CacheCorruptError,
@@ -84,8 +95,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                  fingerprint: str | None = None, on_stale: str = "recompute",
                  lru_bytes: int = 0, verify: bool = True, readonly: bool = False,
                  map_size: int | None = None, max_map_size: int | None = None,
-                 readahead: bool = False, max_sample_bytes: int = 1 << 30,
-                 write_batch: int = 4096, spot_check: int = 0) -> None:
+                 readahead: bool | None = None, max_sample_bytes: int = 1 << 30,
+                 write_batch: int = 4096, spot_check: int = 0,
+                 allow_network_writes: bool = False) -> None:
         if on_stale not in _ON_STALE:
             raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
         self._args = dict(
@@ -93,6 +105,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             on_stale=on_stale, lru_bytes=lru_bytes, verify=verify, readonly=readonly,
             map_size=map_size, max_map_size=max_map_size, readahead=readahead,
             max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
+            allow_network_writes=allow_network_writes,
         )
         self._setup()
         self._prepare()  # validate the path now, in the constructing process
@@ -117,7 +130,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         self.max_sample_bytes = a["max_sample_bytes"]
         self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
                             create=self.source is not None, map_size=a["map_size"],
-                            max_map_size=a["max_map_size"], readahead=a["readahead"])
+                            max_map_size=a["max_map_size"], readahead=a["readahead"],
+                            allow_network_writes=a.get("allow_network_writes", False),
+                            degrade=self.source is not None)
         self._stats = CacheStats()
         self._lru = BytesLRU(a["lru_bytes"]) if a["lru_bytes"] > 0 else None
         self._writer = Writer(self._store, self._stats, batch_items=a["write_batch"])
@@ -126,6 +141,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         self._len: int | None = None
         self._env: Any = None  # this process's open env handle (store._Env)
         self._warned: set[str] = set()
+        self._unstored: str | None = None  # why misses are not stored (published/network cache)
         self._closed = False
 
     # -- pickling: the constructor's arguments only, nothing live
@@ -154,7 +170,10 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             self._len = res.length if res.length is not None else self._last_index() + 1
         else:
             self._len = length
-        if e.readonly_reason and not self._args["readonly"] and src is not None:
+        if e.lockfree:  # published or on a network fs: warn at the first miss, not at open
+            self._unstored = e.readonly_reason
+            self._writer.disabled = e.readonly_reason
+        elif e.readonly_reason and not self._args["readonly"] and src is not None:
             self._warn_once("readonly", f"kvcache: {e.readonly_reason}; misses are computed, not stored")
             self._writer.disabled = e.readonly_reason  # buffering rows would only warn again
         if res.stale and res.reset:
@@ -347,6 +366,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         sample = self.source[i]
         self._stats.misses += 1
         if w.disabled or self._fp_id is None or self._store.readonly:
+            if self._unstored is not None:
+                self._warn_once("unstored", f"kvcache: {self._unstored}")
             return sample
         try:
             record, layout, checksum = codec.encode(sample, self._fp_id)

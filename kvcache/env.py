@@ -8,6 +8,13 @@ reading through it leaks reader slots under the parent's pid (shared/faults p05a
 Every opener holds ``kvcache.lock`` shared (flock) for as long as the environment is
 open, so ``compact`` and ``repair`` can take it exclusively and refuse to swap files
 under a live user (p09b).
+
+Two kinds of cache are opened **lock-free** instead: read-only, LMDB ``lock=False``, no
+``kvcache.lock``, no ``lock.mdb``, not a byte written: a *published* cache (its info
+row ``published`` says so; see :mod:`kvcache.maintenance.publish`), and any cache on a
+network or FUSE filesystem (:mod:`kvcache.mounts`), where LMDB's shared-memory locks
+mean nothing to other hosts. A new cache is never created on such a filesystem unless
+the caller opts in (``allow_network_writes=True`` or ``KVCACHE_ALLOW_NETWORK_WRITES=1``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,21 @@ from .errors import (
     CacheReadOnlyError,
     IncompatibleCacheError,
     KvCacheWarning,
+    NetworkFilesystemError,
     NotACacheError,
 )
 from .extent import check_extent_in_child, size_guard_ok
+from .lockfree import (
+    ALLOW_NETWORK_WRITES_ENV,
+    NoEnvironment,
+    network_refusal,
+    network_writes_allowed,
+    published_note,
+)
+from .mounts import FsInfo, filesystem_of
 
-__all__ = ["FORMAT_VERSION", "LOCK_NAME", "classify", "is_readonly_error", "open_env",
-           "read_identity", "release_env"]
+__all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
+           "is_readonly_error", "open_env", "read_identity", "release_env"]
 
 FORMAT_VERSION = 1
 LOCK_NAME = "kvcache.lock"
@@ -49,7 +65,7 @@ class Env:
     """This process's one open environment for a path, shared by every Store on it."""
 
     __slots__ = ("path", "env", "samples", "meta", "info", "readonly", "lock_fd", "refs", "dead",
-                 "readonly_reason", "lock", "write_lock")
+                 "readonly_reason", "lock", "write_lock", "lockfree", "published", "fs")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -62,6 +78,9 @@ class Env:
         self.dead = False
         self.lock = True
         self.write_lock = threading.Lock()
+        self.lockfree = False  # opened read-only, lock=False: published, or on a network fs
+        self.published: dict[str, Any] | None = None  # the cache's ``published`` info row
+        self.fs: FsInfo | None = None
 
     def close(self) -> None:
         self.dead = True
@@ -77,6 +96,18 @@ class Env:
             except OSError:
                 pass
             self.lock_fd = None
+
+
+def absent_env(path: str, reason: str) -> Env:
+    """A read-only, empty environment for ``path`` that holds no file: reads miss and
+    writes raise CacheReadOnlyError(``reason``)."""
+    e = Env(path)
+    e.env = NoEnvironment()
+    e.readonly = e.lockfree = True
+    e.lock = False
+    e.readonly_reason = reason
+    e.fs = filesystem_of(path)
+    return e
 
 
 _REGISTRY: dict[str, Env] = {}
@@ -170,6 +201,7 @@ def read_identity(path: str) -> dict[str, Any]:
             ) from None
         with env.begin(db=info_db) as txn:
             raw = txn.get(b"format")
+            pub = txn.get(b"published")
         if raw is None:
             raise NotACacheError(f"{path} is an LMDB environment but not a kvcache cache")
         try:
@@ -181,6 +213,10 @@ def read_identity(path: str) -> dict[str, Any]:
     finally:
         if env is not None:
             env.close()
+    try:
+        fmt["published"] = json.loads(pub) if pub else None  # not part of the row: read with it
+    except ValueError:
+        fmt["published"] = {"unreadable": True}  # still published: never write it
     if fmt.get("format") != "kvcache" or fmt.get("version") != FORMAT_VERSION or fmt.get("codec") != codec.CODEC_VERSION:
         raise IncompatibleCacheError(
             f"{path} was written by kvcache format {fmt.get('version')} / codec {fmt.get('codec')}; "
@@ -214,15 +250,24 @@ def _take_shared_lock(path: str) -> int | None:
 
 
 def open_env(path: str, *, readonly: bool, create: bool, map_size: int | None,
-             readahead: bool = False, max_readers: int = 126, lock: bool = True) -> Env:
-    """Open (or reuse) this process's environment for ``path``."""
+             readahead: bool | None = False, max_readers: int = 126, lock: bool = True,
+             allow_network_writes: bool = False) -> Env:
+    """Open (or reuse) this process's environment for ``path``.
+
+    ``readahead=None`` turns OS readahead on for lock-free (published or network) caches
+    and off otherwise.
+
+    Raises:
+        NetworkFilesystemError: ``create`` on a new path on a network or FUSE filesystem.
+    """
     with _REGISTRY_LOCK:
         e = _REGISTRY.get(path)
         if e is not None and not e.dead:
             e.refs += 1
             return e
         e = _open_new(path, readonly=readonly, create=create, map_size=map_size,
-                      readahead=readahead, max_readers=max_readers, lock=lock)
+                      readahead=readahead, max_readers=max_readers, lock=lock,
+                      allow_network_writes=allow_network_writes)
         e.refs = 1
         _REGISTRY[path] = e
         return e
@@ -238,12 +283,16 @@ def release_env(e: Env) -> None:
 
 
 def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
-              readahead: bool, max_readers: int, lock: bool) -> Env:
+              readahead: bool | None, max_readers: int, lock: bool, allow_network_writes: bool) -> Env:
     state = classify(path)
     fmt = None
+    fs = filesystem_of(path)
+    network = fs is not None and fs.network is not None and not network_writes_allowed(allow_network_writes)
     if state == "new":
         if readonly or not create:
             raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
+        if network:
+            raise NetworkFilesystemError(network_refusal(path, fs))  # type: ignore[arg-type]
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
@@ -251,6 +300,17 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     else:
         fmt = read_identity(path)
     e = Env(path)
+    e.fs = fs
+    e.published = fmt.get("published") if fmt else None
+    e.lockfree = bool(e.published) or (network and state != "new")
+    if readahead is None:
+        # on for lock-free caches: read-mostly, usually over a network where each page
+        # fault is a round trip (docs/network.md measures it); off for random reads on
+        # local disk, where readahead only fills the page cache with neighbours
+        readahead = e.lockfree
+    if e.lockfree:
+        lock = False
+        e.readonly_reason = published_note(path) if e.published else network_refusal(path, fs)  # type: ignore[arg-type]
     e.lock_fd = _take_shared_lock(path) if lock else None
     recorded = 0
     size = max(map_size or DEFAULT_MAP_SIZE, 1 << 20)
@@ -289,7 +349,7 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     else:
         e.close()
         raise CacheReadOnlyError(f"{path}: cannot open the cache even read-only ({last})")
-    if e.readonly and not readonly:
+    if e.readonly and not readonly and not e.lockfree:
         e.readonly_reason = f"{path} is not writable ({last}); write-back is off"
     env = e.env
     try:

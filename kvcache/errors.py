@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "CacheBusyError",
     "CacheCorruptError",
+    "CacheExistsError",
     "CacheFullError",
     "CacheReadOnlyError",
     "CacheWriteError",
@@ -19,6 +20,7 @@ __all__ = [
     "KvCacheError",
     "KvCacheWarning",
     "MissingSampleError",
+    "NetworkFilesystemError",
     "NotACacheError",
     "SampleTooLargeError",
     "StaleCacheError",
@@ -78,6 +80,16 @@ class CacheFullError(CacheWriteError):
 class CacheReadOnlyError(CacheWriteError, PermissionError):
     """The cache cannot be written here (read-only filesystem, permissions, or a
     read-only view)."""
+
+
+class NetworkFilesystemError(CacheReadOnlyError):
+    """kvcache will not create or write a cache on a network or FUSE filesystem (NFS,
+    SMB, Lustre, GPFS, CephFS, ...): build it on local disk and ``kvcache publish`` it
+    there. ``allow_network_writes=True`` (or ``KVCACHE_ALLOW_NETWORK_WRITES=1``) overrides."""
+
+
+class CacheExistsError(KvCacheError, FileExistsError):
+    """The destination already holds a cache (``kvcache publish --force`` replaces it)."""
 
 
 class CacheBusyError(KvCacheError):

@@ -29,7 +29,16 @@ from typing import Any, Iterable
 import lmdb
 
 from . import codec
-from .env import FORMAT_VERSION, LOCK_NAME, Env, errno_of, is_readonly_error, open_env, release_env
+from .env import (
+    FORMAT_VERSION,
+    LOCK_NAME,
+    Env,
+    absent_env,
+    errno_of,
+    is_readonly_error,
+    open_env,
+    release_env,
+)
 from .errors import (
     CacheBusyError,
     CacheCorruptError,
@@ -37,6 +46,7 @@ from .errors import (
     CacheReadOnlyError,
     CacheWriteError,
     KvCacheError,
+    NetworkFilesystemError,
 )
 from .tally import NO_FP, TALLY_KEY, Tally
 
@@ -146,11 +156,18 @@ class Store:
         create: create the cache if the path is new or an empty directory.
         map_size: initial LMDB map size in bytes (the map grows by doubling on demand).
         max_map_size: the cap on growth; past it, writes raise CacheFullError.
+        readahead: OS readahead on the map; None: on for published caches and caches on
+            a network filesystem (read lock-free), off otherwise.
+        allow_network_writes: create and write a cache on a network or FUSE filesystem
+            (refused by default: NetworkFilesystemError).
+        degrade: where a new cache is refused on a network filesystem, stand in an empty
+            read-only one (every read misses) instead of raising.
     """
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, create: bool = True,
                  map_size: int | None = None, max_map_size: int | None = None,
-                 readahead: bool = False, max_readers: int = 126, lock: bool = True) -> None:
+                 readahead: bool | None = False, max_readers: int = 126, lock: bool = True,
+                 allow_network_writes: bool = False, degrade: bool = False) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.readonly = readonly
         self.create = create
@@ -159,6 +176,8 @@ class Store:
         self.readahead = readahead
         self.max_readers = max_readers
         self.lock = lock
+        self.allow_network_writes = allow_network_writes
+        self.degrade = degrade
         self._e: Env | None = None
 
     # -- lifecycle
@@ -167,9 +186,17 @@ class Store:
         """This process's open environment (opened on first use, and again after fork)."""
         e = self._e
         if e is None or e.dead:
-            e = self._e = open_env(self.path, readonly=self.readonly, create=self.create,
-                                   map_size=self.map_size, readahead=self.readahead,
-                                   max_readers=self.max_readers, lock=self.lock)
+            try:
+                e = open_env(self.path, readonly=self.readonly, create=self.create,
+                             map_size=self.map_size, readahead=self.readahead,
+                             max_readers=self.max_readers, lock=self.lock,
+                             allow_network_writes=self.allow_network_writes)
+            except NetworkFilesystemError as exc:
+                if not self.degrade:
+                    raise
+                e = absent_env(self.path, str(exc))
+                e.refs = 1
+            self._e = e
         return e
 
     @property

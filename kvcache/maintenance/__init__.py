@@ -1,4 +1,4 @@
-"""Maintenance of caches: inspect, verify, compact, build, merge, gc, get.
+"""Maintenance of caches: inspect, verify, compact, build, merge, gc, get, publish.
 
 Every function returns a report dataclass and never prints; ``kvcache.cli`` formats them.
 """
@@ -9,6 +9,7 @@ from .gc import GcReport, gc
 from .get import LeafValue, SampleReport, get_sample
 from .inspect import InspectReport, LeafSummary, inspect_cache
 from .merge import MergeReport, merge
+from .publish import PublishReport, publish
 from .spec import load_spec
 from .verify import VerifyReport, verify
 
@@ -20,6 +21,7 @@ __all__ = [
     "LeafSummary",
     "LeafValue",
     "MergeReport",
+    "PublishReport",
     "SampleReport",
     "VerifyReport",
     "build",
@@ -29,5 +31,6 @@ __all__ = [
     "inspect_cache",
     "load_spec",
     "merge",
+    "publish",
     "verify",
 ]

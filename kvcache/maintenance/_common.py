@@ -18,7 +18,8 @@ from typing import Any
 import lmdb
 
 from ..env import LOCK_NAME, classify, read_identity
-from ..errors import CacheBusyError, NotACacheError
+from ..errors import CacheBusyError, CacheReadOnlyError, KvCacheError, NotACacheError
+from ..lockfree import published_note
 from ..store import translate
 
 __all__ = ["check_cache", "exclusive", "file_bytes", "live_bytes", "lock_holders", "open_raw",
@@ -58,13 +59,23 @@ def lock_holders(path: str) -> int:
     return len(pids)
 
 
+def _published(path: str) -> bool:
+    try:
+        return bool(read_identity(path).get("published"))
+    except KvCacheError:
+        return False  # a damaged cache: what repair is for
+
+
 @contextlib.contextmanager
 def exclusive(path: str, what: str) -> Iterator[None]:
     """Hold ``kvcache.lock`` exclusively, or fail at once.
 
     Raises:
         CacheBusyError: another process (or this one) has the cache open.
+        CacheReadOnlyError: a published cache (immutable).
     """
+    if _published(path):
+        raise CacheReadOnlyError(f"{path}: cannot {what}: {published_note(path)}")
     fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         try:

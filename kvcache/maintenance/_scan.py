@@ -38,7 +38,11 @@ def _emit(obj: dict) -> None:
 
 def _open(path: str) -> Any:
     last: Exception | None = None
-    for lock in (True, False):  # a registered reader is safe against live writers
+    # A registered reader is safe against live writers; but where there is no lock.mdb
+    # (a published cache, a read-only copy) no writer is live, and creating one would
+    # write under a tree that must not change.
+    locks = (True, False) if os.path.exists(os.path.join(path, "lock.mdb")) else (False,)
+    for lock in locks:
         try:
             return lmdb.open(path, subdir=True, readonly=True, lock=lock, create=False, max_dbs=4)
         except lmdb.InvalidError:

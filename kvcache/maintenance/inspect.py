@@ -39,6 +39,10 @@ class InspectReport(CacheInfo):
     leaves: list[LeafSummary] = field(default_factory=list)
     layouts: int = 0  # distinct layouts among current records (the first MAX_LAYOUTS)
     other_layout_entries: int = 0  # current records of layouts past the first MAX_LAYOUTS
+    filesystem: str | None = None  # e.g. "nfs4 (server:/export on /mnt/data, network filesystem)"
+    network: str | None = None  # "network" / "FUSE" where kvcache reads it lock-free, never writes
+    published: dict | None = None  # the ``published`` info row (when, from where) of a published cache
+    lockfree: bool = False  # opened read-only without LMDB's lock (published, or on a network fs)
 
 
 def inspect_cache(path: str | os.PathLike) -> InspectReport:
@@ -66,7 +70,8 @@ def inspect_cache(path: str | os.PathLike) -> InspectReport:
                 continue
             for leaf in described:
                 leaves.append(LeafSummary(_short(leaf.path), leaf.summary(), n))
-        readers = [ln for ln in e.env.readers().splitlines()[1:] if ln.strip()]
+        # a lock-free environment has no reader table (and no other reader is visible)
+        readers = [ln for ln in e.env.readers().splitlines()[1:] if ln.strip()] if e.lock else []
         return InspectReport(
             **{f.name: getattr(info, f.name) for f in fields(CacheInfo)},
             current_entries=cur.rows, stale_entries=info.entries - cur.rows,
@@ -74,6 +79,8 @@ def inspect_cache(path: str | os.PathLike) -> InspectReport:
             map_used=info.file_bytes / info.map_size if info.map_size else 0.0,
             readers_used=len(readers), max_readers=e.env.max_readers(), leaves=leaves,
             layouts=len(cur.layouts), other_layout_entries=cur.other,
+            filesystem=e.fs.describe() if e.fs else None, network=e.fs.network if e.fs else None,
+            published=e.published, lockfree=e.lockfree,
         )
 
 

@@ -1,0 +1,85 @@
+"""Lock-free opening: what kvcache says and does for published caches and for caches
+on network or FUSE filesystems (see :mod:`kvcache.env` for where it applies).
+
+A cache kvcache refuses to create on a network filesystem is replaced, for a dataset
+that has a source, by :class:`NoEnvironment`: every read misses, so every sample is
+computed from the source and nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .mounts import FsInfo
+
+__all__ = ["ALLOW_NETWORK_WRITES_ENV", "EmptyTxn", "NoEnvironment", "network_refusal",
+           "network_writes_allowed", "published_note"]
+
+ALLOW_NETWORK_WRITES_ENV = "KVCACHE_ALLOW_NETWORK_WRITES"
+
+
+def network_refusal(path: str, fs: FsInfo) -> str:
+    """The one message for a cache that kvcache will not write on a network filesystem."""
+    return (f"{path} is on a {fs.network} filesystem ({fs.describe()}): kvcache does not write "
+            "an LMDB cache there (LMDB's locks and memory map are not coherent across hosts; "
+            "writers corrupt it or die with SIGBUS), so misses are computed and not stored. "
+            f"Build the cache on local disk, then `kvcache publish LOCAL_CACHE {path}`; "
+            f"or, if only this host ever uses it, allow_network_writes=True "
+            f"({ALLOW_NETWORK_WRITES_ENV}=1)")
+
+
+def published_note(path: str) -> str:
+    """What a published cache says to a write, or to a miss it will not store."""
+    return (f"{path} is a published cache (immutable, read lock-free): nothing is written there; "
+            "misses (indices it lacks, or samples of a changed source) are computed and returned, "
+            f"not stored (stats().misses counts them); to change it, publish again: "
+            f"`kvcache publish --force SRC {path}`")
+
+
+def network_writes_allowed(flag: bool) -> bool:
+    return flag or os.environ.get(ALLOW_NETWORK_WRITES_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class EmptyCursor:
+    def first(self) -> bool:
+        return False
+
+    last = first
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+class EmptyTxn:
+    """A read transaction on no data: what a cache that cannot exist here holds."""
+
+    def get(self, key: bytes, default: Any = None, db: Any = None) -> Any:
+        return default
+
+    def cursor(self, db: Any = None) -> EmptyCursor:
+        return EmptyCursor()
+
+    def stat(self, db: Any = None) -> dict[str, int]:
+        return {"entries": 0, "psize": 4096, "depth": 0, "branch_pages": 0, "leaf_pages": 0,
+                "overflow_pages": 0}
+
+    def abort(self) -> None:
+        pass
+
+    def __enter__(self) -> "EmptyTxn":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class NoEnvironment:
+    """Stands in for an LMDB environment that kvcache refused to create (a new cache on a
+    network filesystem): every read misses, so the dataset computes every sample."""
+
+    def begin(self, db: Any = None, parent: Any = None, write: bool = False, buffers: bool = False) -> EmptyTxn:
+        return EmptyTxn()
+
+    def close(self) -> None:
+        pass
