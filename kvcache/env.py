@@ -50,7 +50,7 @@ from .lockfree import (
 from .mounts import FsInfo, filesystem_of
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
-           "is_readonly_error", "open_env", "read_identity", "release_env"]
+           "is_readonly_error", "open_env", "opened_here", "read_identity", "release_env"]
 
 FORMAT_VERSION = 1
 LOCK_NAME = "kvcache.lock"
@@ -271,6 +271,13 @@ def open_env(path: str, *, readonly: bool, create: bool, map_size: int | None,
         e.refs = 1
         _REGISTRY[path] = e
         return e
+
+
+def opened_here(path: str) -> bool:
+    """Whether this process has the environment at ``path`` open (py-lmdb refuses to
+    open it a second time, even read-only)."""
+    e = _REGISTRY.get(path)
+    return e is not None and not e.dead
 
 
 def release_env(e: Env) -> None:

@@ -147,6 +147,17 @@ def main() -> None:
         run("merge", "merged", "half-a", "half-b")
         run("merge", "merged", "cache", note="Caches of a different source are refused, "
             "naming what differs:")
+        h("publish", """
+            `kvcache publish SRC DEST [--force] [--json]` makes an immutable copy of a cache
+            for shared or network storage: compacted, verified record by record, marked
+            published, fsynced, and renamed into place (DEST appears complete or not at all).
+            Readers open it read-only without any lock file, from any number of hosts
+            (docs/network.md). An existing DEST is replaced only with `--force`, atomically.""")
+        run("publish", "cache", "shared/cache")
+        run("inspect", "shared/cache", note="Inspect says it is published (and on which filesystem):")
+        run("publish", "cache", "shared/cache", note="Publishing over an existing cache needs `--force`:")
+        run("publish", "--force", "cache", "shared/cache")
+        run("compact", "shared/cache", note="A published cache is never changed in place:")
         _write(args.out, sections)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -116,7 +116,7 @@ def _make_ops(root: str, latency: float) -> Any:
         "opendir": lambda self, path: 0,
         "releasedir": lambda self, path, fh: 0,
         "open": lambda self, path, flags: os.open(p(path), flags),
-        "create": lambda self, path, mode, fi=None: os.open(p(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode),
+        "create": lambda self, path, mode, fi=None: os.open(p(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode),
         "read": lambda self, path, size, offset, fh: os.pread(fh, size, offset),
         "write": lambda self, path, data, offset, fh: os.pwrite(fh, data, offset),
         "truncate": lambda self, path, length, fh=None: os.truncate(p(path), length),

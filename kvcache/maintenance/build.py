@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
-from ..errors import KvCacheError
+from ..errors import CacheReadOnlyError, KvCacheError
 from ..store import META_ROW
 from .spec import load_spec, progress_callback
 
@@ -97,6 +97,8 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
         have = ds.cached_indices()
         todo = [i for i in range(total) if i not in have]
         fp_id, store = ds._fp_id, ds._store
+        if not store.writable:  # read-only, published, or on a network filesystem
+            raise CacheReadOnlyError(store.handle().readonly_reason or f"{path}: the cache is read-only")
         assert fp_id is not None
         if bar is not None:
             bar.start(len(todo))

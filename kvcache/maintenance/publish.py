@@ -31,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from ..env import LOCK_NAME, classify, read_identity
+from ..env import LOCK_NAME, classify, opened_here, read_identity
 from ..errors import CacheCorruptError, CacheExistsError
 from ..store import Store, translate
 from ._common import check_cache, sibling_dir
@@ -85,7 +85,8 @@ def _replaceable(dest: str) -> bool:
         return False
     if classify(dest) == "new" and not os.listdir(dest):
         return False  # an empty directory: the rename takes its place
-    read_identity(dest)  # only a kvcache cache may be replaced
+    if not opened_here(dest):  # then this process has checked it already
+        read_identity(dest)  # only a kvcache cache may be replaced
     return True
 
 
