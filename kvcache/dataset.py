@@ -13,7 +13,7 @@ import os
 import random
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lmdb
 import torch.utils.data
@@ -81,6 +81,12 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             misses are computed, not stored, with one warning naming the fix (build on
             local disk, then ``kvcache publish``). ``KVCACHE_ALLOW_NETWORK_WRITES=1``
             does the same as True.
+        transform: a callable applied to every sample as it leaves the dataset (a hit or
+            a miss alike, in ``__getitem__`` and ``__getitems__``), as torchvision
+            datasets take one: the place for random augmentation, which must not be
+            cached. It is never part of the fingerprint or the stored record, and it is
+            pickled with the other arguments for spawn and forkserver workers (so it
+            must be picklable there: a module-level function or class, not a lambda).
 
     A *published* cache (``kvcache publish``) and any cache on a network filesystem are
     opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
@@ -97,7 +103,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                  map_size: int | None = None, max_map_size: int | None = None,
                  readahead: bool | None = None, max_sample_bytes: int = 1 << 30,
                  write_batch: int = 4096, spot_check: int = 0,
-                 allow_network_writes: bool = False) -> None:
+                 allow_network_writes: bool = False,
+                 transform: Callable[[Any], Any] | None = None) -> None:
         if on_stale not in _ON_STALE:
             raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
         self._args = dict(
@@ -106,6 +113,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             map_size=map_size, max_map_size=max_map_size, readahead=readahead,
             max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
             allow_network_writes=allow_network_writes,
+            transform=transform,
         )
         self._setup()
         self._prepare()  # validate the path now, in the constructing process
@@ -128,6 +136,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         self.path = os.path.abspath(a["path"])
         self.verify = a["verify"]
         self.max_sample_bytes = a["max_sample_bytes"]
+        self._transform = a.get("transform")
         self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
                             create=self.source is not None, map_size=a["map_size"],
                             max_map_size=a["max_map_size"], readahead=a["readahead"],
@@ -143,6 +152,16 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         self._warned: set[str] = set()
         self._unstored: str | None = None  # why misses are not stored (published/network cache)
         self._closed = False
+
+    @property
+    def transform(self) -> Callable[[Any], Any] | None:
+        """The callable applied to every sample served (``transform=``); settable, and
+        kept with the constructor's arguments, so workers get the new one too."""
+        return self._transform
+
+    @transform.setter
+    def transform(self, fn: Callable[[Any], Any] | None) -> None:
+        self._args["transform"] = self._transform = fn
 
     # -- pickling: the constructor's arguments only, nothing live
 
@@ -223,7 +242,8 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             rec = lru.get(i)
             if rec is not None:
                 self._stats.lru_hits += 1
-                return _decode(rec, False)
+                value = _decode(rec, False)
+                return value if self._transform is None else self._transform(value)
         e = self._env
         if e is None or e.dead:
             e = self._handle()
@@ -247,7 +267,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         finally:
             txn.abort()
         if value is _STALE:
-            return self._compute(i)
+            value = self._compute(i)
+        if self._transform is not None:
+            return self._transform(value)
         return value
 
     def __getitems__(self, indices: Sequence[int]) -> list:
@@ -314,6 +336,9 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             out[pos] = self._compute(idx[pos])
         if self._writer.rows:
             self._writer.maybe_flush()
+        if self._transform is not None:
+            t = self._transform
+            return [t(v) for v in out]
         return out
 
     def _lookup(self, txn: Any, i: int) -> Any:
