@@ -2,6 +2,7 @@
 
 from .dataset import BuildReport, CacheStats, LmdbCachedDataset
 from .errors import (
+    BuildError,
     CacheBusyError,
     CacheCorruptError,
     CacheExistsError,
@@ -25,6 +26,7 @@ from .view import CacheInfo, CacheView, open_cache
 __version__ = "0.1.0"
 
 __all__ = [
+    "BuildError",
     "BuildReport",
     "CacheBusyError",
     "CacheCorruptError",

@@ -261,25 +261,32 @@ def gc_cmd(path: str, as_json: bool) -> None:
 @click.argument("spec")
 @click.argument("path", type=click.Path())
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes computing samples (one writer).")
+              help="Processes computing samples (1: this one; N > 1: N workers, this one writes).")
 @click.option("--version", "version", default=None, help="The fingerprint's version= salt.")
+@click.option("--distributed", is_flag=True,
+              help="Share the work among the ranks of a torch.distributed job (run under torchrun; "
+                   "gloo on CPU): rank 0 writes PATH on its machine; the other ranks only compute.")
 @_reporting
-def build_cmd(spec: str, path: str, workers: int, version: str | None, as_json: bool) -> None:
+def build_cmd(spec: str, path: str, workers: int, version: str | None, distributed: bool,
+              as_json: bool) -> None:
     """Fill every missing index of the cache at PATH from SPEC (module:callable).
 
     Resumable: an interrupted build (Ctrl-C) keeps what it wrote; run it again.
     """
     bar = _Bar("build", not as_json)
     try:
-        r = m.build(spec, path, workers=workers, version=version, progress=bar.arg())
+        r = m.build(spec, path, workers=workers, version=version, progress=bar.arg(),
+                    distributed=distributed)
     finally:
         bar.close()
-    if as_json:
-        _json(r, items_per_s=r.items_per_s)
-    else:
-        click.echo(f"{'interrupted' if r.interrupted else 'built'} {r.path}: computed {r.computed:,}, "
-                   f"already cached {r.already_cached:,}, of {r.total:,}\n"
-                   f"{r.seconds:.2f} s, {r.items_per_s:,.0f} items/s with {r.workers} worker(s)")
+    if r.rank == 0:
+        if as_json:
+            _json(r, items_per_s=r.items_per_s)
+        else:
+            how = f"{r.workers} worker(s)" + (f" on each of {r.ranks} ranks" if r.ranks > 1 else "")
+            click.echo(f"{'interrupted' if r.interrupted else 'built'} {r.path}: computed {r.computed:,}, "
+                       f"already cached {r.already_cached:,}, of {r.total:,}\n"
+                       f"{r.seconds:.2f} s, {r.items_per_s:,.0f} items/s with {how}")
     if r.interrupted:
         sys.exit(130)
 

@@ -289,25 +289,88 @@ def release_env(e: Env) -> None:
                 del _REGISTRY[e.path]
 
 
+def _locked_state(path: str, e: Env, *, readonly: bool, create: bool) -> tuple[str, bool]:
+    """Classify ``path`` holding ``kvcache.lock`` (in ``e.lock_fd``): shared for an existing
+    cache, exclusive for one this process creates. Returns ``(state, creating)``.
+
+    Processes that open a new path at once (the ranks of a job on one machine) would
+    otherwise trip over each other: one sees the ``data.mdb`` another is initialising,
+    without its format row yet, and calls it "not a kvcache cache". The creator holds the
+    lock exclusively until its format row is committed; everyone else waits on the shared
+    lock, then finds a finished cache.
+    """
+    for attempt in range(1000):
+        state = classify(path)
+        if state == "new":
+            if readonly or not create:
+                raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
+            fd = _lock_fd(path)
+            if fd is None:  # cannot create the lock file: the create below reports why
+                return state, False
+            e.lock_fd = fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another opener is creating it (or holds it shared): wait our turn
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            else:
+                state = classify(path)  # alone now: did someone finish creating it meanwhile?
+                if state == "new":
+                    return state, True
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if classify(path) == "existing":
+                return "existing", False
+            os.close(fd)  # still new: the holder is another waiter; try again shortly
+            e.lock_fd = None
+            time.sleep(0.001 * (1 + attempt % 10))
+            continue
+        if os.path.exists(os.path.join(path, LOCK_NAME)):  # kvcache's (a foreign LMDB stays untouched)
+            e.lock_fd = _take_shared_lock(path)  # blocks while a creator or compact holds it
+        return classify(path), False
+    raise CacheBusyError(f"{path}: could not take kvcache.lock to create the cache")
+
+
+def _lock_fd(path: str) -> int | None:
+    try:
+        return os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError:
+        return None
+
+
 def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
               readahead: bool | None, max_readers: int, lock: bool, allow_network_writes: bool) -> Env:
-    state = classify(path)
-    fmt = None
     fs = filesystem_of(path)
     network = fs is not None and fs.network is not None and not network_writes_allowed(allow_network_writes)
-    if state == "new":
-        if readonly or not create:
-            raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
-        if network:
-            raise NetworkFilesystemError(network_refusal(path, fs))  # type: ignore[arg-type]
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
-    else:
-        fmt = read_identity(path)
     e = Env(path)
     e.fs = fs
+    creating = False
+    if lock and not network:
+        try:
+            state, creating = _locked_state(path, e, readonly=readonly, create=create)
+        except BaseException:
+            e.close()
+            raise
+    else:
+        state = classify(path)
+        if state == "new":
+            if readonly or not create:
+                raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
+            if network:
+                raise NetworkFilesystemError(network_refusal(path, fs))  # type: ignore[arg-type]
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
+    fmt = None
+    if state != "new":
+        try:
+            fmt = read_identity(path)
+        except BaseException:
+            e.close()
+            raise
     e.published = fmt.get("published") if fmt else None
     e.lockfree = bool(e.published) or (network and state != "new")
     if readahead is None:
@@ -318,7 +381,11 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     if e.lockfree:
         lock = False
         e.readonly_reason = published_note(path) if e.published else network_refusal(path, fs)  # type: ignore[arg-type]
-    e.lock_fd = _take_shared_lock(path) if lock else None
+        if e.lock_fd is not None:  # taken while its identity was unknown; lock-free from now
+            os.close(e.lock_fd)
+            e.lock_fd = None
+    elif lock and e.lock_fd is None:
+        e.lock_fd = _take_shared_lock(path)
     recorded = 0
     size = max(map_size or DEFAULT_MAP_SIZE, 1 << 20)
     # Open read-write where we can, even for a read-only Store: the environment is shared by
@@ -387,6 +454,8 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
                 recorded = int(raw) if raw else 0
             if recorded > env.info()["map_size"]:
                 env.set_mapsize(recorded)  # open with max(configured, recorded)
+        if creating and e.lock_fd is not None:
+            fcntl.flock(e.lock_fd, fcntl.LOCK_SH)  # created: let the others in
     except lmdb.Error as exc:
         e.close()
         if is_readonly_error(exc):

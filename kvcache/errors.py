@@ -9,6 +9,7 @@ too.
 from __future__ import annotations
 
 __all__ = [
+    "BuildError",
     "CacheBusyError",
     "CacheCorruptError",
     "CacheExistsError",
@@ -95,6 +96,11 @@ class CacheExistsError(KvCacheError, FileExistsError):
 class CacheBusyError(KvCacheError):
     """The cache is in use and the operation needs it alone (compact, repair), or the
     LMDB reader table is full of live readers."""
+
+
+class BuildError(KvCacheError, RuntimeError):
+    """A build lost a worker process or a rank (killed, out of memory, a broken process
+    group). Every batch committed before is kept; running the build again resumes it."""
 
 
 class SampleTooLargeError(KvCacheError, ValueError):

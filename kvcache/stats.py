@@ -26,12 +26,18 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class BuildReport:
-    """What ``build()`` did."""
+    """What a build did (``LmdbCachedDataset.build``, ``kvcache build``)."""
 
-    total: int
-    computed: int
-    already_cached: int
+    total: int  # the source's length
+    computed: int  # records computed and written by this run
+    already_cached: int  # indices skipped because they were cached before this run
     seconds: float
+    path: str = ""
+    workers: int = 1  # processes computing samples on each rank (1: the building process)
+    ranks: int = 1  # processes of the torch.distributed group sharing the work
+    rank: int = 0  # this process's rank (the report is the whole job's on every rank)
+    interrupted: bool = False  # stopped by Ctrl-C; every committed batch is kept, run again
+    too_large: int = 0  # samples over max_sample_bytes, not cached
 
     @property
     def items_per_s(self) -> float:

@@ -1,4 +1,4 @@
-"""Loading a source dataset from a ``module:callable`` spec, and progress reporting hooks."""
+"""Loading a source dataset from a ``module:callable`` spec."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
-from ..progress import Progress as _Line
-
-__all__ = ["Progress", "load_spec", "progress_callback"]
+__all__ = ["load_spec"]
 
 
 def load_spec(spec: str) -> Any:
@@ -42,43 +40,3 @@ def load_spec(spec: str) -> Any:
     if not callable(fn):
         raise ValueError(f"source spec {spec!r}: {target} has no callable {name!r}")
     return fn()
-
-
-class Progress:
-    """Receives ``start(total)``, ``update(n)`` and ``finish()`` from a long operation."""
-
-    def __init__(self, fn: Callable[[int, int], None] | None = None, label: str = "",
-                 enabled: bool = True) -> None:
-        self.fn, self.label, self.enabled = fn, label, enabled
-        self.total = self.done = 0
-        self._line: _Line | None = None
-
-    def start(self, total: int) -> None:
-        self.total, self.done = total, 0
-        if self.fn is None and self.enabled:
-            self._line = _Line(total, self.label, enabled=True)
-        self._report()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._line is not None:
-            self._line.update(n)
-        self._report()
-
-    def _report(self) -> None:
-        if self.fn is not None:
-            self.fn(self.done, self.total)
-
-    def finish(self) -> None:
-        if self._line is not None:
-            self._line.__exit__(None, None, None)
-            self._line = None
-
-
-def progress_callback(progress: Any, label: str) -> Progress | None:
-    """``progress`` as given to a maintenance function (False, True, or a callable)."""
-    if progress is None or progress is False:
-        return None
-    if callable(progress):
-        return Progress(progress, label)
-    return Progress(None, label)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
+from ..progress import Progress, progress_for
 from ..store import KEY, Rows
 from ._common import exclusive, open_raw, sibling_dir, swap_in
-from .spec import Progress, load_spec, progress_callback
+from .spec import load_spec
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -232,7 +233,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
         raise NotACacheError(f"{path}: no cache there (no data.mdb)")
     if spot_check and not source:
         raise ValueError("spot_check needs source= (a module:callable spec)")
-    rep = _scan(path, progress_callback(progress, "verify"))
+    rep = _scan(path, progress_for(progress, "verify"))
     if rep.ok and spot_check:
         _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
     if not repair or rep.ok:

@@ -1,0 +1,326 @@
+"""Building a cache: compute every missing index, in worker processes, with one writer.
+
+The one implementation behind ``LmdbCachedDataset.build(num_workers=N)`` and
+``kvcache build --workers N`` (and, per rank, the distributed build in
+:mod:`kvcache.distributed`). Workers compute and encode samples; the building process
+alone writes them, one transaction per batch, so a Ctrl-C or a kill leaves every
+committed batch in place and nothing half-written, and a rerun skips what is cached.
+
+The writer never starves the workers: each worker has a few tasks queued ahead of it
+(``INFLIGHT`` per worker, bounded, so memory stays flat however fast the workers are),
+a task is sized to about ``TASK_SECONDS`` of the source's time (measured as results
+come back), and a commit's fsync happens while the workers compute the next tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import codec
+from .errors import (
+    BuildError,
+    CacheReadOnlyError,
+    KvCacheError,
+    KvCacheWarning,
+    MissingSampleError,
+    SampleTooLargeError,
+)
+from .progress import Progress, progress_for
+from .stats import BuildReport
+from .store import META_ROW, Store
+
+__all__ = ["BATCH_ITEMS", "Filled", "Sink", "build", "encode_rows", "fill", "missing", "start_method",
+           "warn_too_large"]
+
+BATCH_ITEMS = 4096  # records per write transaction (a commit costs an fsync)
+BATCH_BYTES = 64 << 20
+BATCH_SECONDS = 1.0  # ... or whatever arrived in this long: a kill loses at most ~1 s of work
+TASK_SECONDS = 0.05  # a worker's task takes about this long (the first ones take 4 items)
+MAX_TASK = 4096
+INFLIGHT = 4  # tasks queued per worker
+SERIAL_CHUNK = 64  # items computed between progress updates without workers
+
+Row = tuple[int, bytes, bytes]  # (index, record, metadata row)
+
+
+def start_method(method: str | None = None) -> str:
+    """``method``, or fork where the platform has it (nothing is pickled) and spawn elsewhere."""
+    if method is not None:
+        return method
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def encode_rows(source: Any, indices: Sequence[int], fp_id: int,
+                max_bytes: int) -> tuple[list[Row], list[int]]:
+    """Compute and encode ``source[i]`` for each index: the rows to write, and the indices
+    whose record is over ``max_bytes`` (served uncached, so not written)."""
+    rows: list[Row] = []
+    big: list[int] = []
+    for i in indices:
+        i = int(i)
+        try:
+            record, layout, checksum = codec.encode(source[i], fp_id)
+        except KvCacheError as exc:
+            raise type(exc)(f"index {i}: {exc}") from None
+        if len(record) > max_bytes:
+            big.append(i)
+            continue
+        rows.append((i, record, META_ROW.pack(fp_id, checksum, len(record)) + layout))
+    return rows, big
+
+
+def missing(store: Store, fp_id: int | None, n: int) -> np.ndarray:
+    """The indices in ``range(n)`` with no record of ``fp_id``, ascending (int64).
+
+    One cursor pass over the metadata rows' first bytes; memory is one byte per index
+    (a list or set of 10^7 Python ints would take ~0.5 GB).
+    """
+    have = np.zeros(n, dtype=bool)
+    if fp_id is not None and n:
+        want = META_ROW.pack(fp_id, 0, 0)[:4]
+        e = store.handle()
+        with store.begin(e.meta) as txn:
+            cur = txn.cursor()
+            from_bytes = int.from_bytes
+            for k, v in cur.iternext(keys=True, values=True):
+                if v[:4] == want and len(v) >= META_ROW.size:
+                    i = from_bytes(k, "big")
+                    if i < n:
+                        have[i] = True
+    return np.flatnonzero(~have)
+
+
+class Sink:
+    """The one writer: buffers rows and commits them in batches (by count, bytes and age).
+
+    ``flush`` keeps the rows until their commit returns, so a Ctrl-C in the middle of
+    one (the transaction is aborted) leaves them to be written by the next flush.
+    """
+
+    def __init__(self, store: Store, fp_id: int, progress: Progress | None = None,
+                 batch_items: int = BATCH_ITEMS) -> None:
+        self.store, self.fp_id, self.progress = store, fp_id, progress
+        self.batch_items = batch_items
+        self.rows: list[Row] = []
+        self.nbytes = 0
+        self.written = 0  # records committed (a key already holding this record is not counted)
+        self.received = 0
+        self.last = time.monotonic()
+
+    def add(self, rows: list[Row], count: int | None = None) -> None:
+        """Buffer ``rows`` (``count``: items they stand for in the progress, e.g. with
+        too-large samples left out); commit when a batch is full or old."""
+        self.rows.extend(rows)
+        self.nbytes += sum(len(r[1]) for r in rows)
+        n = len(rows) if count is None else count
+        self.received += n
+        if self.progress is not None and n:
+            self.progress.update(n)
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        if self.rows and (len(self.rows) >= self.batch_items or self.nbytes >= BATCH_BYTES
+                          or time.monotonic() - self.last >= BATCH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.written += self.store.write_records(self.rows, self.fp_id)
+            self.rows, self.nbytes = [], 0
+        self.last = time.monotonic()
+
+
+@dataclass
+class Filled:
+    """What :func:`fill` did."""
+
+    written: int = 0
+    too_large: list[int] = field(default_factory=list)
+    interrupted: bool = False
+
+
+# -- worker side: the source arrives once per worker (inherited under fork, pickled
+# under spawn, or made by ``source_factory`` there), never with each task.
+
+_W: dict[str, Any] = {}
+
+
+def _init(source: Any, factory: Callable[[], Any] | None, fp_id: int, max_bytes: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle
+    if hasattr(signal, "pthread_sigmask"):  # blocked by _starting(); a pending one is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _W.update(source=factory() if factory is not None else source, fp_id=fp_id, max_bytes=max_bytes)
+
+
+def _task(indices: list[int]) -> tuple[list[Row], list[int], float]:
+    t0 = time.perf_counter()
+    rows, big = encode_rows(_W["source"], indices, _W["fp_id"], _W["max_bytes"])
+    return rows, big, time.perf_counter() - t0
+
+
+def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: int = 0,
+         max_bytes: int = 1 << 62, method: str | None = None,
+         source_factory: Callable[[], Any] | None = None) -> Filled:
+    """Compute every index in ``todo`` and write it through ``sink``.
+
+    ``workers=0`` computes here; ``workers=N`` in N processes (``method``: fork, spawn or
+    forkserver). A Ctrl-C writes every row already computed (workers finish their
+    current task) and returns with ``interrupted``; any other error writes what arrived
+    and propagates.
+
+    Raises:
+        BuildError: a worker process died. Whatever the source raises.
+    """
+    out = Filled()
+    todo = np.asarray(todo, dtype=np.int64)
+    try:
+        if workers <= 0:
+            for k in range(0, len(todo), SERIAL_CHUNK):
+                rows, big = encode_rows(source, todo[k:k + SERIAL_CHUNK].tolist(), sink.fp_id, max_bytes)
+                out.too_large += big
+                sink.add(rows, len(rows) + len(big))
+        elif len(todo):
+            _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out)
+    except KeyboardInterrupt:
+        out.interrupted = True
+    finally:
+        sink.flush()  # on an error too: every row here is a complete record
+    out.written = sink.written
+    return out
+
+
+def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: int, method: str,
+          factory: Callable[[], Any] | None, out: Filled) -> None:
+    ctx = mp.get_context(method)
+    # Never hold an environment across fork (kvcache.env); under fork every worker is
+    # started by the first submit, and the sink reopens the store at its first commit.
+    sink.store.close()
+    pos, per_item = 0, 0.0
+    pending: set[Future] = set()
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
+                             initargs=(None if factory else source, factory, sink.fp_id, max_bytes))
+
+    def take(done: set[Future]) -> None:
+        nonlocal per_item
+        for f in done:
+            try:
+                rows, big, secs = f.result()
+            except BrokenProcessPool:
+                raise BuildError(
+                    f"{sink.store.path}: a build worker died (killed, or out of memory); every "
+                    "committed batch is kept: run the build again to resume") from None
+            n = len(rows) + len(big)
+            if n:
+                per_item = secs / n if not per_item else 0.7 * per_item + 0.3 * secs / n
+            out.too_large += big
+            sink.add(rows, n)
+
+    def submit() -> None:
+        nonlocal pos
+        size = 4 if not per_item else int(min(max(TASK_SECONDS / per_item, 1), MAX_TASK))
+        size = max(1, min(size, -(-(len(todo) - pos) // workers)))  # even out the tail
+        try:
+            pending.add(ex.submit(_task, todo[pos:pos + size].tolist()))
+        except BrokenProcessPool:
+            raise BuildError(f"{sink.store.path}: a build worker died at start; every committed "
+                             "batch is kept: run the build again to resume") from None
+        pos += size
+
+    try:
+        try:
+            with _starting():
+                while pos < len(todo) and len(pending) < workers * INFLIGHT:
+                    submit()
+        except Exception as exc:  # noqa: BLE001 - pickling the source under spawn
+            if method != "fork" and factory is None and "pickl" in str(exc).lower():
+                raise BuildError(
+                    f"cannot send the source to {method} workers ({exc}); pass source_factory= "
+                    "(a picklable callable that makes it) or use start_method='fork'") from exc
+            raise
+        while pending:
+            done, _ = wait(pending, timeout=BATCH_SECONDS, return_when=FIRST_COMPLETED)
+            pending -= done
+            take(done)
+            while pos < len(todo) and len(pending) < workers * INFLIGHT:
+                submit()
+            sink.maybe_flush()
+    except KeyboardInterrupt:
+        out.interrupted = True
+        for f in pending:
+            f.cancel()
+        ex.shutdown(wait=True, cancel_futures=True)  # running tasks finish (workers ignore SIGINT)
+        take({f for f in pending if f.done() and not f.cancelled() and f.exception() is None})
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _starting() -> Iterator[None]:
+    """Block SIGINT while the workers start: they inherit the mask (through spawn's exec
+    too) until their initializer ignores it, so a Ctrl-C at start never kills one half-way
+    through its imports; here it is delivered, as KeyboardInterrupt, once they are up."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def warn_too_large(path: str, big: list[int], max_bytes: int) -> None:
+    if big:
+        warnings.warn(str(SampleTooLargeError(
+            f"kvcache: {path}: {len(big)} samples (first: {big[:5]}) encode to more than "
+            f"max_sample_bytes={max_bytes}; they are served uncached")), KvCacheWarning, stacklevel=3)
+
+
+
+def build(ds: Any, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+          source_factory: Callable[[], Any] | None = None, distributed: bool = False) -> BuildReport:
+    """Fill every index of ``ds`` (an ``LmdbCachedDataset`` with a source) that is not
+    cached yet; see ``LmdbCachedDataset.build`` (which raises KeyboardInterrupt where
+    this returns ``interrupted``)."""
+    if ds.source is None:
+        raise MissingSampleError(f"{ds.path}: build() needs a source dataset")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, not {num_workers}")
+    if distributed:
+        from .distributed import build as dist_build
+
+        return dist_build(ds, num_workers=num_workers, progress=progress, start_method=start_method,
+                          source_factory=source_factory)
+    t0 = time.perf_counter()
+    fp_id = ds.fingerprint_id
+    ds.flush()
+    n = len(ds)
+    if fp_id is None or not ds.store.writable:  # read-only, published, or on a network filesystem
+        raise CacheReadOnlyError(ds.store.handle().readonly_reason or (
+            f"{ds.path}: the cache cannot be written here; build() needs a writable cache "
+            "(readonly=False, a writable local directory)"))
+    todo = missing(ds.store, fp_id, n)
+    bar = progress_for(progress, "build")
+    if bar is not None:
+        bar.start(len(todo))
+    try:
+        done = fill(ds.source, Sink(ds.store, fp_id, bar), todo, workers=num_workers,
+                    max_bytes=ds.max_sample_bytes, method=start_method, source_factory=source_factory)
+    finally:
+        if bar is not None:
+            bar.finish()
+    warn_too_large(ds.path, done.too_large, ds.max_sample_bytes)
+    return BuildReport(n, done.written, n - len(todo), time.perf_counter() - t0, path=ds.path,
+                       workers=max(num_workers, 1), interrupted=done.interrupted,
+                       too_large=len(done.too_large))
