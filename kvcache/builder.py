@@ -117,6 +117,12 @@ class Sink:
         self.written = 0  # records committed (a key already holding this record is not counted)
         self.received = 0
         self.last = time.monotonic()
+        self.path = store.path
+        self.tick = BATCH_SECONDS  # fill() calls maybe_flush() at least this often
+
+    def release(self) -> None:
+        """Close the store before worker processes fork (it reopens at the next commit)."""
+        self.store.close()
 
     def add(self, rows: list[Row], count: int | None = None) -> None:
         """Buffer ``rows`` (``count``: items they stand for in the progress, e.g. with
@@ -186,10 +192,16 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
     todo = np.asarray(todo, dtype=np.int64)
     try:
         if workers <= 0:
-            for k in range(0, len(todo), SERIAL_CHUNK):
-                rows, big = encode_rows(source, todo[k:k + SERIAL_CHUNK].tolist(), sink.fp_id, max_bytes)
+            k, step = 0, 1
+            while k < len(todo):
+                t0 = time.perf_counter()
+                rows, big = encode_rows(source, todo[k:k + step].tolist(), sink.fp_id, max_bytes)
+                k, n = k + step, len(rows) + len(big)
                 out.too_large += big
-                sink.add(rows, len(rows) + len(big))
+                sink.add(rows, n)
+                # chunks of about a fifth of the sink's tick, so it hears from us in time
+                per_item = (time.perf_counter() - t0) / max(n, 1)
+                step = int(min(max(sink.tick / 5 / max(per_item, 1e-9), 1), SERIAL_CHUNK))
         elif len(todo):
             _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out)
     except KeyboardInterrupt:
@@ -205,7 +217,7 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
     ctx = mp.get_context(method)
     # Never hold an environment across fork (kvcache.env); under fork every worker is
     # started by the first submit, and the sink reopens the store at its first commit.
-    sink.store.close()
+    sink.release()
     pos, per_item = 0, 0.0
     pending: set[Future] = set()
     ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
@@ -218,7 +230,7 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
                 rows, big, secs = f.result()
             except BrokenProcessPool:
                 raise BuildError(
-                    f"{sink.store.path}: a build worker died (killed, or out of memory); every "
+                    f"{sink.path}: a build worker died (killed, or out of memory); every "
                     "committed batch is kept: run the build again to resume") from None
             n = len(rows) + len(big)
             if n:
@@ -233,7 +245,7 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
         try:
             pending.add(ex.submit(_task, todo[pos:pos + size].tolist()))
         except BrokenProcessPool:
-            raise BuildError(f"{sink.store.path}: a build worker died at start; every committed "
+            raise BuildError(f"{sink.path}: a build worker died at start; every committed "
                              "batch is kept: run the build again to resume") from None
         pos += size
 
@@ -249,7 +261,7 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
                     "(a picklable callable that makes it) or use start_method='fork'") from exc
             raise
         while pending:
-            done, _ = wait(pending, timeout=BATCH_SECONDS, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=sink.tick, return_when=FIRST_COMPLETED)
             pending -= done
             take(done)
             while pos < len(todo) and len(pending) < workers * INFLIGHT:
@@ -280,12 +292,12 @@ def _starting() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def warn_too_large(path: str, big: list[int], max_bytes: int) -> None:
-    if big:
+def warn_too_large(path: str, big: list[int], max_bytes: int, total: int | None = None) -> None:
+    total = len(big) if total is None else total
+    if total:
         warnings.warn(str(SampleTooLargeError(
-            f"kvcache: {path}: {len(big)} samples (first: {big[:5]}) encode to more than "
+            f"kvcache: {path}: {total} samples (e.g. {big[:5]}) encode to more than "
             f"max_sample_bytes={max_bytes}; they are served uncached")), KvCacheWarning, stacklevel=3)
-
 
 
 def build(ds: Any, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,

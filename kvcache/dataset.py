@@ -466,6 +466,13 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         return self._store
 
     @property
+    def fingerprint_parts(self) -> dict[str, Any] | None:
+        """What identifies this source (class, length, class source hash, ``version``; or
+        the ``fingerprint=`` given); None without a source."""
+        a = self._args
+        return None if self.source is None else compute_parts(self.source, a["version"], a["fingerprint"])
+
+    @property
     def fingerprint_id(self) -> int | None:
         """This source's fingerprint id in the cache (opening it if needed): the id its
         records carry. None when it never wrote here and cannot (read-only)."""

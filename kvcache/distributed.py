@@ -1,0 +1,234 @@
+"""One cache built by every rank of a ``torch.distributed`` job (gloo on CPU works).
+
+``LmdbCachedDataset.build(distributed=True)`` and ``kvcache build --distributed`` (under
+``torchrun``). Every rank passes the same source and path:
+
+1. rank 0 opens the cache at ``path`` on its machine and finds the missing indices;
+   every rank checks that all ranks have the same source (fingerprint and length);
+2. the missing indices are dealt round-robin: rank ``r`` computes ``todo[r::world]``
+   (with ``num_workers`` worker processes of its own if asked);
+3. about every ``ROUND_SECONDS`` each rank sends what it computed to rank 0
+   (``gather_object``), and one ``all_reduce`` tells every rank how much is left and
+   whether any rank failed; rank 0 alone writes, one transaction per batch, so the cache
+   is consistent whenever a rank dies (committed batches stay, a rerun finishes the job).
+
+Why collectives rather than per-rank shard caches merged at the end: across machines the
+samples have to travel to rank 0's machine anyway (shards on other nodes' local disks
+cannot be merged there), and the collective path writes each sample once where a shard
+writes it twice (shard, then merge) and keeps no temporary directories to clean up after
+a crash. ``tools/bench_build.py`` measures it against a serial build.
+
+Only rank 0 writes: the complete cache is at ``path`` on rank 0's machine. The other
+ranks never write their ``path`` (``kvcache build --distributed`` does not even create
+it; a ``LmdbCachedDataset`` constructed there creates an empty cache, as ever): publish
+rank 0's cache (``docs/scale.md``) or copy it to each node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .builder import Sink, fill, missing, warn_too_large
+from .errors import BuildError, CacheReadOnlyError, KvCacheError
+from .fingerprint import compute_parts, digest
+from .progress import progress_for
+from .stats import BuildReport
+
+__all__ = ["ROUND_SECONDS", "build", "build_source"]
+
+ROUND_SECONDS = 0.25  # how often ranks send their samples to rank 0 (and learn what is left)
+
+
+def _group() -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BuildError("build(distributed=True) needs an initialised torch.distributed process group: "
+                         "call torch.distributed.init_process_group('gloo') first, or run "
+                         "`torchrun ... -m kvcache build SPEC PATH --distributed`")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build(ds: Any, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+          source_factory: Callable[[], Any] | None = None) -> BuildReport:
+    """Every rank calls this with its own ``LmdbCachedDataset`` on the same source and path."""
+    rank, _world = _group()
+    return _run(ds.source, digest(ds.fingerprint_parts), ds.path, ds if rank == 0 else None,
+                num_workers=num_workers, progress=progress, start_method=start_method,
+                source_factory=source_factory)
+
+
+def build_source(source: Any, path: str | os.PathLike, *, version: str | int | None = None,
+                 num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+                 source_factory: Callable[[], Any] | None = None) -> BuildReport:
+    """``kvcache build --distributed``: initialise the process group from torchrun's
+    environment if needed (gloo); only rank 0 opens ``path``."""
+    own = not (dist.is_available() and dist.is_initialized())
+    if own:
+        if "RANK" not in os.environ:
+            raise BuildError("--distributed runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR are unset); "
+                             "e.g. `torchrun --nproc-per-node 4 -m kvcache build SPEC PATH --distributed`")
+        dist.init_process_group("gloo")
+    ds = None
+    try:
+        if dist.get_rank() == 0:
+            from .dataset import LmdbCachedDataset
+
+            ds = LmdbCachedDataset(source, path, version=version)  # an error here reaches every rank
+        return _run(source, digest(compute_parts(source, version, None)), os.path.abspath(os.fspath(path)),
+                    ds, num_workers=num_workers, progress=progress, start_method=start_method,
+                    source_factory=source_factory)
+    finally:
+        if ds is not None:
+            ds.close()
+        if own:
+            dist.destroy_process_group()
+
+
+class Exchange:
+    """What :func:`kvcache.builder.fill` writes through on each rank: rows are buffered and
+    sent to rank 0 every ``ROUND_SECONDS``; rank 0 hands everyone's to its writer."""
+
+    def __init__(self, writer: Sink | None, path: str, fp_id: int, share: int) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.writer, self.path, self.fp_id, self.share = writer, path, fp_id, share
+        self.rows: list = []
+        self.count = 0  # items covered by self.rows (too-large samples have no row)
+        self.done = 0  # items of our share computed so far
+        self.tick = ROUND_SECONDS
+        self.last = time.monotonic()
+        self.broken = False  # a round raised: no more collectives
+
+    @property
+    def written(self) -> int:
+        return self.writer.written if self.writer is not None else 0
+
+    def add(self, rows: list, count: int | None = None) -> None:
+        n = len(rows) if count is None else count
+        self.rows.extend(rows)
+        self.count += n
+        self.done += n
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self.last >= self.tick:
+            self.exchange()
+
+    def flush(self) -> None:
+        """Nothing: rounds are collective, so only add/maybe_flush/finish start one."""
+
+    def release(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+    def exchange(self, failed: str | None = None) -> int:
+        """One round: send our rows to rank 0 (which writes them); return how many items
+        are left on all ranks. Raises BuildError on every rank when one failed."""
+        got: list | None = [None] * self.world if self.rank == 0 else None
+        try:
+            dist.gather_object((self.rows, self.count, failed), got, dst=0)
+            if got is not None and self.writer is not None:
+                for rows, count, _f in got:
+                    self.writer.add(rows, count)
+            self.rows, self.count = [], 0
+            state = torch.tensor([self.share - self.done, int(failed is not None)], dtype=torch.int64)
+            dist.all_reduce(state)
+        except RuntimeError as exc:  # a rank died: gloo's connection closed
+            self.broken = True
+            raise BuildError(f"{self.path}: a rank of the build left the process group ({exc}); "
+                             "every committed batch is kept: run the build again to finish") from None
+        self.last = time.monotonic()
+        if int(state[1]):
+            self.broken = True
+            why = "; ".join(f"rank {r}: {g[2]}" for r, g in enumerate(got or []) if g[2])
+            raise BuildError(f"{self.path}: the distributed build failed on "
+                             f"{why or f'{int(state[1])} rank(s)'}; every committed batch is kept")
+        return int(state[0])
+
+    def finish(self) -> None:
+        while self.exchange() > 0:
+            pass
+
+    def keep_local(self) -> None:
+        """On rank 0, after an interruption or error: write what reached us (no collective)."""
+        if self.writer is not None:
+            self.writer.add(self.rows, self.count)
+            self.rows, self.count = [], 0
+            self.writer.flush()
+
+
+def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress: Any,
+         start_method: str | None, source_factory: Callable[[], Any] | None) -> BuildReport:
+    rank, world = _group()
+    t0 = time.perf_counter()
+    head: list[Any] = [None]
+    todo = np.empty(0, dtype=np.int64)
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            fp_id = ds.fingerprint_id
+            ds.flush()
+            if fp_id is None or not ds.store.writable:
+                raise CacheReadOnlyError(f"{path}: the cache cannot be written on rank 0's machine")
+            todo = missing(ds.store, fp_id, len(ds))
+            head[0] = {"fp_id": fp_id, "n": len(ds), "todo": len(todo), "max_bytes": ds.max_sample_bytes}
+        except (KvCacheError, OSError, ValueError) as exc:
+            failure, head[0] = exc, {"error": f"{type(exc).__name__}: {exc}"}
+    dist.broadcast_object_list(head, src=0)
+    h = head[0]
+    if "error" in h:
+        if failure is not None:
+            raise failure
+        raise BuildError(f"{path}: rank 0 could not open the cache: {h['error']}")
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (dg, len(source)))
+    odd = [r for r, x in enumerate(everyone) if x != everyone[0]]
+    if odd:
+        raise BuildError(f"{path}: rank(s) {odd} build another source than rank 0 (fingerprint or "
+                         "length differ): every rank must pass the same source, version and path")
+    shared = torch.from_numpy(todo) if rank == 0 else torch.empty(h["todo"], dtype=torch.int64)
+    if h["todo"]:
+        dist.broadcast(shared, src=0)
+    share = shared.numpy()[rank::world]
+    bar = progress_for(progress, "build") if rank == 0 else None
+    if bar is not None:
+        bar.start(h["todo"])
+    writer = Sink(ds.store, h["fp_id"], bar) if rank == 0 else None
+    ex = Exchange(writer, path, h["fp_id"], len(share))
+    interrupted = False
+    try:
+        try:
+            done = fill(source, ex, share, workers=num_workers, max_bytes=h["max_bytes"],
+                        method=start_method, source_factory=source_factory)
+        except Exception as exc:
+            if not ex.broken:  # tell every rank (they raise BuildError), then raise ours
+                try:
+                    ex.exchange(failed=f"{type(exc).__name__}: {exc}")
+                except BuildError:
+                    pass
+            raise
+        if done.interrupted:
+            interrupted = True
+        else:
+            ex.finish()
+    finally:
+        ex.keep_local()
+        if bar is not None:
+            bar.finish()
+    if interrupted:
+        return BuildReport(h["n"], ex.written, h["n"] - h["todo"], time.perf_counter() - t0, path=path,
+                           workers=max(num_workers, 1), ranks=world, rank=rank, interrupted=True)
+    big = torch.tensor([len(done.too_large)], dtype=torch.int64)
+    dist.all_reduce(big)
+    written: list[Any] = [ex.written]
+    dist.broadcast_object_list(written, src=0)
+    if rank == 0:
+        warn_too_large(path, done.too_large, h["max_bytes"], total=int(big[0]))
+    return BuildReport(h["n"], written[0], h["n"] - h["todo"], time.perf_counter() - t0, path=path,
+                       workers=max(num_workers, 1), ranks=world, rank=rank, too_large=int(big[0]))
+
+
