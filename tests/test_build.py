@@ -169,7 +169,7 @@ def test_ctrl_c_keeps_every_committed_batch_and_a_rerun_completes(tmp_path, meth
         rep = ds.build(num_workers=2)
         assert rep.already_cached == kept and rep.computed == 2000 - kept
     with open_cache(path) as v:
-        assert v.keys() == list(range(2000))
+        assert list(v.keys()) == list(range(2000))
         for i in range(0, 2000, 37):
             assert same(v.get(i), Squares(2000)[i])
 
