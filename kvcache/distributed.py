@@ -173,7 +173,8 @@ def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress
             fp_id = ds.fingerprint_id
             ds.flush()
             if fp_id is None or not ds.store.writable:
-                raise CacheReadOnlyError(f"{path}: the cache cannot be written on rank 0's machine")
+                raise CacheReadOnlyError(ds.store.handle().readonly_reason
+                                         or f"{path}: the cache cannot be written on rank 0's machine")
             todo = missing(ds.store, fp_id, len(ds))
             head[0] = {"fp_id": fp_id, "n": len(ds), "todo": len(todo), "max_bytes": ds.max_sample_bytes}
         except (KvCacheError, OSError, ValueError) as exc:
