@@ -33,9 +33,9 @@ import lmdb
 
 from ..env import LOCK_NAME, classify, opened_here, read_identity
 from ..errors import CacheCorruptError, CacheExistsError
+from ..progress import progress_for
 from ..store import Store, translate
 from ._common import check_cache, sibling_dir
-from .spec import progress_callback
 
 __all__ = ["PublishReport", "publish"]
 
@@ -146,7 +146,7 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
         except lmdb.Error as exc:
             raise translate(exc, tmp) from None
         size = os.path.getsize(data)
-        check = _scan(tmp, progress_callback(progress, "publish"))
+        check = _scan(tmp, progress_for(progress, "publish"))
         if check.signal or check.errors or check.bad or check.orphans or check.entries != entries:
             why = "; ".join(check.errors) or check.signal or f"{len(check.bad) + len(check.orphans)} bad records"
             raise CacheCorruptError(f"publish {src}: the copy does not verify ({why}); nothing was "
