@@ -146,7 +146,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         self._fp_id: int | None = None
         self._fp_read = -1
         self._len: int | None = None
-        self._env: Any = None  # this process's open env handle (store._Env)
+        self._env: Any = None  # this process's open environment (an env.Env)
         self._warned: set[str] = set()
         self._unstored: str | None = None  # why misses are not stored (published/network cache)
         self._closed = False

@@ -1,11 +1,12 @@
 """Truncation guard: never touch a page of ``data.mdb`` that lies past the end of the file.
 
-Reading a page past EOF kills the process with SIGBUS (shared/faults p02). The cheap
-guard compares the file size with ``(last_pgno + 1) * page size`` from the meta page;
-it can trip on healthy files right after a commit (p02c), so when it trips the precise
-check runs in a child process: walk every database with a cursor, touching every branch
-and leaf page and the first and last page of every overflow value. A signal in the
-child means a reachable page lies past EOF.
+Reading a page past EOF kills the process with SIGBUS (every truncated file that crashed
+in fault-injection runs did so on its first access to a missing page). The cheap guard
+compares the file size with ``(last_pgno + 1) * page size`` from the meta page; it can
+trip on healthy files right after a commit (seen 6-8 pages short), so when it trips the
+precise check runs in a child process: walk every database with a cursor, touching every
+branch and leaf page and the first and last page of every overflow value. A signal in
+the child means a reachable page lies past EOF.
 """
 
 from __future__ import annotations

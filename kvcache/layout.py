@@ -46,6 +46,22 @@ def import_torch() -> Any:
     return _torch
 
 
+def torch_in_use() -> Any:
+    """What decoding uses as torch: the module, a stand-in (:func:`use_torch`), or None
+    before the first tensor leaf."""
+    return _torch
+
+
+def use_torch(module: Any) -> None:
+    """Make decoding use ``module`` as torch (None: import the real one when next needed).
+
+    The verify child decodes tensor leaves as numpy arrays through a stand-in: it checks
+    bytes, not tensors, and importing torch costs about a second per child.
+    """
+    global _torch
+    _torch = module
+
+
 class LayoutError(Exception):
     """Malformed layout or payload (internal; the codec turns it into CorruptRecordError)."""
 

@@ -5,8 +5,9 @@ every record (checksum, decoding, agreement with its metadata row) and prints JS
 on stdout: ``{"total": n}``, ``{"done": n}`` now and then, and ``{"result": {...}}``.
 ``--salvage DEST`` instead copies every readable good record into a fresh environment at
 DEST, printing ``{"try": index}`` before touching each key, so the parent can restart it
-past a key whose pages kill the process (a truncated or broken file raises SIGBUS or
-aborts inside LMDB: shared/faults p02).
+past a key whose pages kill the process (LMDB takes SIGBUS reading a page past the end
+of a truncated file, and aborts on an assertion when a cursor meets a damaged branch or
+leaf page: both seen in fault-injection runs).
 
 This module imports only lmdb, numpy and the codec: a damaged file can kill it, and the
 parent reports how it died.
@@ -26,7 +27,7 @@ import numpy as np
 
 from .. import codec, layout
 from ..errors import CorruptRecordError
-from ..store import KEY, META_ROW, Rows
+from ..store import FORMAT_VERSION, KEY, LOCK_NAME, META_ROW, Rows
 
 _PROGRESS_EVERY = 1000
 
@@ -88,15 +89,14 @@ def _numpy_torch() -> Any:
 
 def _decodes(raw: Any) -> None:
     """Decode ``raw`` (raises CorruptRecordError), without torch when the layout allows."""
-    if layout._torch is None:
-        layout._torch = _numpy_torch()
+    if layout.torch_in_use() is None:
+        layout.use_torch(_numpy_torch())
     try:
         codec.decode(raw, False)
     except CorruptRecordError as exc:
-        if "unknown torch dtype" not in str(exc) or isinstance(layout._torch, types.ModuleType):
+        if "unknown torch dtype" not in str(exc) or isinstance(layout.torch_in_use(), types.ModuleType):
             raise
-        layout._torch = None  # a dtype the stand-in lacks: use torch from now on
-        layout.import_torch()
+        layout.use_torch(None)  # a dtype the stand-in lacks: use torch from now on
         codec.decode(raw, False)
 
 
@@ -126,7 +126,7 @@ def scan(path: str) -> dict:
     try:
         env = _open(path)
     except lmdb.InvalidError as exc:
-        if not os.path.exists(os.path.join(path, "kvcache.lock")):
+        if not os.path.exists(os.path.join(path, LOCK_NAME)):
             res["not_a_cache"] = True
         res["errors"].append(f"cannot open: {exc}")
         return res
@@ -140,7 +140,7 @@ def scan(path: str) -> dict:
             res["short_by"] = need - have  # reported if the walk below dies or fails
         _fmt, cur, problem = _identity(env)
         if problem:
-            if os.path.exists(os.path.join(path, "kvcache.lock")):
+            if os.path.exists(os.path.join(path, LOCK_NAME)):
                 res["errors"].append("the info table (format, fingerprints) is missing or unreadable")
             else:
                 res["not_a_cache"] = True
@@ -277,8 +277,6 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
         Rows(otxn, o_samples, o_meta, o_info).save()  # a tally even when nothing was copied
         otxn.put(b"last_written", json.dumps(time.time()).encode())
         if otxn.get(b"format") is None:  # the info rows were lost: still a cache of this format
-            from ..env import FORMAT_VERSION
-
             otxn.put(b"format", json.dumps({"format": "kvcache", "version": FORMAT_VERSION,
                                             "codec": codec.CODEC_VERSION, "created": time.time()}).encode())
     out.sync(True)

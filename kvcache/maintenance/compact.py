@@ -11,6 +11,7 @@ import lmdb
 from ..errors import CacheCorruptError
 from ..store import translate
 from ._common import check_cache, exclusive, file_bytes, open_raw, sibling_dir, swap_in
+from .verify import scan
 
 __all__ = ["CompactReport", "compact"]
 
@@ -45,8 +46,6 @@ def compact(path: str | os.PathLike) -> CompactReport:
         CacheCorruptError: the copy does not verify (the cache is left untouched; run
             ``kvcache verify --repair``).
     """
-    from .verify import _scan  # verify imports compact's helpers; keep the cycle local
-
     path = check_cache(path)
     data = os.path.join(path, "data.mdb")
     with exclusive(path, "compact"):
@@ -64,7 +63,7 @@ def compact(path: str | os.PathLike) -> CompactReport:
                 raise translate(exc, path) from None
             finally:
                 env.close()
-            check = _scan(tmp, None)
+            check = scan(tmp)
             if check.signal or check.errors or check.entries != entries:
                 raise CacheCorruptError(
                     f"{path}: the compacted copy does not verify ({'; '.join(check.errors) or check.signal}); "

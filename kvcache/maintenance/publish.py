@@ -36,6 +36,7 @@ from ..errors import CacheCorruptError, CacheExistsError
 from ..progress import progress_for
 from ..store import Store, translate
 from ._common import check_cache, sibling_dir
+from .verify import scan
 
 __all__ = ["PublishReport", "publish"]
 
@@ -108,8 +109,6 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
             ``kvcache verify SRC``).
         CacheWriteError: writing next to ``dest`` failed (disk full, permissions).
     """
-    from .verify import _scan  # verify imports publish's helpers' module; keep it local
-
     t0 = time.perf_counter()
     src = check_cache(src)
     dest = os.path.abspath(os.fspath(dest))
@@ -146,7 +145,7 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
         except lmdb.Error as exc:
             raise translate(exc, tmp) from None
         size = os.path.getsize(data)
-        check = _scan(tmp, progress_for(progress, "publish"))
+        check = scan(tmp, progress_for(progress, "publish"))
         if check.signal or check.errors or check.bad or check.orphans or check.entries != entries:
             why = "; ".join(check.errors) or check.signal or f"{len(check.bad) + len(check.orphans)} bad records"
             raise CacheCorruptError(f"publish {src}: the copy does not verify ({why}); nothing was "

@@ -18,7 +18,7 @@ from ..store import KEY, Rows
 from ._common import exclusive, open_raw, sibling_dir, swap_in
 from .spec import load_spec
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "scan", "verify"]
 
 MAX_SALVAGE_RESTARTS = 64
 
@@ -50,7 +50,8 @@ class VerifyReport:
     after: VerifyReport | None = None
 
 
-# Run _scan without executing kvcache/__init__ (which imports torch: seconds per child).
+# Run the scan child (maintenance/_scan.py) without executing kvcache/__init__ (which
+# imports torch: seconds per child).
 _BOOT = """
 import sys, types
 d = sys.argv.pop(1)
@@ -65,7 +66,8 @@ _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_child(args: list[str], on_line: Callable[[dict], None]) -> tuple[int, str]:
-    """Run ``_scan`` with ``args``; feed its JSON lines to ``on_line``; return (rc, stderr)."""
+    """Run ``maintenance/_scan.py`` with ``args``; feed its JSON lines to ``on_line``;
+    return (rc, stderr)."""
     with tempfile.TemporaryFile(mode="w+") as err, subprocess.Popen(
             [sys.executable, "-c", _BOOT, _PKG, *args],
             stdout=subprocess.PIPE, stderr=err, text=True) as proc:
@@ -88,7 +90,10 @@ def _signame(rc: int) -> str:
         return f"signal {-rc}"
 
 
-def _scan(path: str, progress: Progress | None) -> VerifyReport:
+def scan(path: str, progress: Progress | None = None) -> VerifyReport:
+    """Check every record of the cache at ``path`` in a child process (no repair, no
+    spot check): what :func:`verify` does first, and what compact and publish run on
+    their copies before swapping or publishing them."""
     state: dict[str, Any] = {"result": None, "done": 0}
 
     def on_line(msg: dict) -> None:
@@ -233,7 +238,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
         raise NotACacheError(f"{path}: no cache there (no data.mdb)")
     if spot_check and not source:
         raise ValueError("spot_check needs source= (a module:callable spec)")
-    rep = _scan(path, progress_for(progress, "verify"))
+    rep = scan(path, progress_for(progress, "verify"))
     if rep.ok and spot_check:
         _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
     if not repair or rep.ok:
@@ -248,6 +253,6 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
             else:
                 rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)))
             rep.repaired = True
-    rep.after = _scan(path, None)
+    rep.after = scan(path)
     rep.ok = rep.after.ok and rep.spot_repaired == len(rep.spot_mismatches)
     return rep
