@@ -62,11 +62,10 @@ def spot_check(dataset: Any, n: int, rng: random.Random | None = None, *,
     """
     if dataset.source is None:
         raise ValueError(f"{dataset.path}: a spot check needs the source dataset")
-    dataset._handle()
-    fp_id = dataset._fp_id
+    fp_id = dataset.fingerprint_id  # opens the cache in this process if needed
     if fp_id is None or n <= 0:
         return SpotCheckReport(0, [])
-    store = dataset._store
+    store = dataset.store
     chosen = dataset.random_cached(n, rng)
     fresh: dict[int, tuple[bytes, bytes]] = {}
     mismatched: list[int] = []

@@ -24,11 +24,6 @@ ALLOWED: set[tuple[str, str]] = {
     ("kvcache/dataset.py", "_checksum"),
     ("kvcache/dataset.py", "_plans"),
     ("kvcache/dataset.py", "_unpack_head"),
-    # dataset.store / dataset.fingerprint_id are coming with the parallel build
-    ("kvcache/integrity.py", "_handle"),
-    ("kvcache/integrity.py", "_fp_id"),
-    ("kvcache/integrity.py", "_store"),
-    ("kvcache/maintenance/build.py", "_store"),
 }
 
 
