@@ -94,8 +94,11 @@ def main() -> None:
         run("build", SPEC, "cache2", "--workers", "2")
         run("build", SPEC, "cache", note="Run again, it has nothing left to do:")
         h("inspect", """
-            `kvcache inspect PATH [--json]` reads the info and metadata rows only (no record
-            is decoded). File bytes come from the environment's last page, not the file length.""")
+            `kvcache inspect PATH [--json]` reads the info rows only: counts, sizes and layouts
+            come from the tally of metadata rows that every writer keeps in the cache (one
+            written before the tally existed has its metadata rows walked instead; no record
+            is decoded either way). File bytes come from the environment's last page, not the
+            file length. Past 16 distinct layouts, further ones are counted together.""")
         run("inspect", "cache")
         h("verify", """
             `kvcache verify PATH [--repair] [--spot-check N --source SPEC] [--json]` checks
