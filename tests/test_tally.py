@@ -190,3 +190,24 @@ def test_layouts_past_the_bound_are_counted_together(tmp_path):
     assert assert_exact(path) == 24
     gc(path)
     assert assert_exact(path) == 24
+
+
+@pytest.mark.slow  # publish and salvage each run verify children: ~14 s
+def test_publish_salvage_and_spot_check_repair_keep_the_tally(tmp_path):
+    from kvcache.maintenance import publish
+
+    path, pub = str(tmp_path / "c"), str(tmp_path / "pub")
+    build("_cli_helpers:small", path)
+    publish(path, pub)
+    assert assert_exact(pub) == 200
+    # a spot check that finds the source changed (same fingerprint) replaces records
+    with pytest.warns(KvCacheWarning, match="spot check"), \
+            LmdbCachedDataset(H.shifted(), path, spot_check=20) as ds:
+        assert ds.spot_check_report.repaired == 20
+    assert assert_exact(path) == 200
+    # a truncated file: repair salvages every readable record into a fresh file
+    data = os.path.join(path, "data.mdb")
+    os.truncate(data, os.path.getsize(data) - 8 * 4096)
+    rep = verify(path, repair=True)
+    assert rep.repaired and rep.salvaged is not None and rep.ok, rep
+    assert assert_exact(path) == rep.salvaged
