@@ -1,8 +1,16 @@
 """The LMDB environment behind a cache: transactions, growth, batched writes.
 
-This module and :mod:`kvcache.env` own every LMDB call and turn ``lmdb.Error`` into
-kvcache errors. One environment directory holds ``data.mdb``, ``lock.mdb`` and
-``kvcache.lock``, with three named databases:
+This module and :mod:`kvcache.env` make the library's LMDB calls and turn ``lmdb.Error``
+into kvcache errors (:func:`translate`), with two deliberate exceptions: the read path in
+:mod:`kvcache.dataset` begins its read transaction on the environment handle itself (a
+call through here is a measurable share of a cached read; it translates errors with
+:func:`translate`), and maintenance code opens LMDB directly where it holds
+``kvcache.lock`` exclusively or works on a private copy (``maintenance/_common.open_raw``,
+``publish``), or runs in a child process that a damaged file may kill
+(``maintenance/_scan``, which reports rather than raises).
+
+One environment directory holds ``data.mdb``, ``lock.mdb`` and ``kvcache.lock``, with
+three named databases:
 
 * ``samples``: key (8-byte big-endian index) -> record (see :mod:`kvcache.codec`)
 * ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout),
