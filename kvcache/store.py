@@ -187,6 +187,7 @@ class Store:
         self.allow_network_writes = allow_network_writes
         self.degrade = degrade
         self._e: Env | None = None
+        self._walked: tuple[Any, Tally] | None = None  # tally() of a cache without one
 
     # -- lifecycle
 
@@ -212,7 +213,7 @@ class Store:
         return not self.readonly and not self.handle().readonly
 
     def close(self) -> None:
-        e, self._e = self._e, None
+        e, self._e, self._walked = self._e, None, None
         if e is not None and not e.dead:
             release_env(e)
 
@@ -272,7 +273,10 @@ class Store:
             t = Tally.from_json(txn.get(TALLY_KEY))
             if t is not None and t.rows == txn.stat(e.meta)["entries"]:
                 return t
-            return count_rows(txn, e.meta)
+            snapshot = (e, txn.id())  # a walk holds until the next commit: keep it till then
+            if self._walked is None or self._walked[0] != snapshot:
+                self._walked = (snapshot, count_rows(txn, e.meta))
+            return self._walked[1]
 
     def count(self, fp_id: int | None) -> int:
         """How many metadata rows ``fp_id`` wrote (O(1) where the tally is stored)."""
