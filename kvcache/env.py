@@ -178,6 +178,16 @@ def read_identity(path: str) -> dict[str, Any]:
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
     """
+    held = _REGISTRY.get(path)
+    if held is not None and not held.dead:
+        # This process has it open (py-lmdb refuses a second open of a path in one
+        # process, so gc or inspect beside a live dataset failed): its identity was
+        # checked when it opened; read the row through that environment.
+        try:
+            with held.env.begin(db=held.info) as txn:
+                return json.loads(bytes(txn.get(b"format")))
+        except lmdb.Error as exc:
+            raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
     ours = os.path.exists(os.path.join(path, LOCK_NAME))
     try:
         env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)

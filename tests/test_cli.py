@@ -606,3 +606,20 @@ def test_scale_50k(tmp_path, monkeypatch):
     assert get_sample(path, 49999).leaves[1].value == 49999
     c = compact(path)
     assert c.bytes_after <= c.bytes_before and verify(path).ok
+
+
+def test_maintenance_beside_a_dataset_open_in_this_process(tmp_path):
+    """gc, inspect and get on a cache this process holds open: they raised NotACacheError
+    (their identity check opened LMDB a second time, which py-lmdb refuses). Found by
+    tests/test_state_machine.py."""
+    path = str(tmp_path / "c")
+    with LmdbCachedDataset(H.Squares(20), path, version=0) as ds:
+        ds.__getitems__([0, 1, 2])
+    with LmdbCachedDataset(H.Squares(20, offset=1), path, version=1) as ds:
+        ds[0]
+        ds.flush()
+        assert inspect_cache(path).current_entries == 1
+        assert get_sample(path, 0).index == 0
+        report = gc(path)
+        assert (report.removed, report.kept) == (2, 1)
+        assert ds[0]["label"] == 0 and int(ds[0]["image"][0, 0, 0]) == 1
