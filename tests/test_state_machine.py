@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -50,7 +51,8 @@ from kvcache import (
     open_cache,
 )
 from kvcache.cli import cli
-from kvcache.maintenance import merge
+from kvcache.maintenance import inspect_cache, merge
+from kvcache.tally import TALLY_KEY, Tally
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults"))
 from _fault_helpers import patch, record_place  # noqa: E402
@@ -331,21 +333,30 @@ class CacheMachine(RuleBasedStateMachine):
         assert len(self.ds) == N
         assert self.ds.stats().as_dict() == self.stats
         current = sorted(i for i, r in self.records.items() if r.salt == self.salt)
+        per_source = sorted(Counter(r.salt for r in self.records.values()).values())
+        missing = object()
         with open_cache(self.path) as view:
-            assert view.keys() == current
-            assert len(view) == len(current)
+            assert list(view.keys()) == list(view) == current
+            assert len(view) == len(current)  # the tally every writer keeps
+            e = view.store.handle()
+            with view.store.begin(e.info) as txn:  # the stored tally, not a recount
+                tally = Tally.from_json(txn.get(TALLY_KEY))
+            assert sorted(fp.rows for fp in (tally.fps.values() if tally else ())) == per_source
             assert view.info().entries == len(self.records)
             for i in range(N):
                 assert (i in view) == (i in current), i
                 r = self.records.get(i)
                 if r is None or r.salt != self.salt:
                     with pytest.raises(MissingSampleError):
-                        view.get(i)
+                        view[i]
+                    assert view.get(i, missing) is missing
                 elif r.damaged:
                     with pytest.raises(CorruptRecordError):
-                        view.get(i)
+                        view[i]
                 else:
-                    assert same(view.get(i), expected(self.salt, i)), i
+                    assert same(view[i], expected(self.salt, i)), i
+        report = inspect_cache(self.path)
+        assert (report.current_entries, report.stale_entries) == (len(current), len(self.records) - len(current))
 
     def teardown(self) -> None:
         try:

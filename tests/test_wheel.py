@@ -40,8 +40,8 @@ class Source(torch.utils.data.Dataset):
 with kvcache.LmdbCachedDataset(Source(), sys.argv[1]) as ds:
     ds.build()
 with kvcache.open_cache(sys.argv[1]) as view:
-    keys = view.keys()
-print(json.dumps({"kvcache": kvcache.__file__, "verify": verify.__module__, "keys": keys}))
+    keys, n = list(view), len(view)
+print(json.dumps({"kvcache": kvcache.__file__, "verify": verify.__module__, "keys": keys, "len": n}))
 """
 
 
@@ -133,7 +133,8 @@ def test_wheel_installs_a_working_cli(tmp_path):
 
     made = json.loads(run([py, "-c", MAKE, cache], env=env, cwd=cwd).stdout.strip().splitlines()[-1])
     assert made["kvcache"].startswith(venv + os.sep), made  # not the editable checkout
-    assert made["verify"] == "kvcache.maintenance.verify" and made["keys"] == list(range(20))
+    assert made["verify"] == "kvcache.maintenance.verify"
+    assert made["keys"] == list(range(20)) and made["len"] == 20
 
     console = os.path.join(bindir, "kvcache")
     assert os.path.exists(console), os.listdir(bindir)
