@@ -379,5 +379,5 @@ def test_state_machine():
 
 @pytest.mark.slow
 def test_state_machine_long():
-    _run(max_examples=150, steps=50)
+    _run(max_examples=60, steps=40)
 
