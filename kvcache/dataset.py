@@ -114,7 +114,11 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
             transform=transform,
         )
         self._setup()
-        self._prepare()  # validate the path now, in the constructing process
+        try:
+            self._prepare()  # validate the path now, in the constructing process
+        except BaseException:
+            self._store.close()  # e.g. StaleCacheError: keep no environment (nor its lock) open
+            raise
         self.spot_check_report = None  # an integrity.SpotCheckReport when spot_check > 0
         if spot_check:
             from .integrity import spot_check as _spot_check

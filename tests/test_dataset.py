@@ -367,3 +367,17 @@ def test_cache_full_warns_once_and_keeps_serving(path):
         assert view.info().file_bytes <= 1 << 20
         for i in view.keys():
             assert same(view.get(i), src[i])
+
+
+def test_a_constructor_that_raises_leaves_the_cache_closed(tmp_path):
+    """After StaleCacheError (on_stale='error') this process kept the environment and its
+    shared lock, so `kvcache compact` refused: 'in use by 1 process'. Found by
+    tests/test_state_machine.py."""
+    from kvcache.maintenance import compact
+
+    path = str(tmp_path / "c")
+    with LmdbCachedDataset(ImageSource(10, 0), path, version=0) as ds:
+        ds[0]
+    with pytest.raises(StaleCacheError):
+        LmdbCachedDataset(ImageSource(10, 1), path, version=1, on_stale="error")
+    assert compact(path).entries == 1
