@@ -266,6 +266,34 @@ class CacheMachine(RuleBasedStateMachine):
                 del self.records[i]
             assert (report["removed"], report["kept"]) == (len(doomed), len(self.records))
 
+    @rule()
+    def verify(self) -> None:
+        """``kvcache verify`` beside the live dataset names exactly the damaged records."""
+        with self._step():
+            res = CliRunner().invoke(cli, ["verify", "--json", self.path], catch_exceptions=False)
+            report = json.loads(res.output)
+            damaged = sorted(i for i, r in self.records.items() if r.damaged)
+            assert (report["bad"], report["entries"]) == (damaged, len(self.records)), report
+            assert res.exit_code == (1 if damaged else 0)
+
+    @rule(command=st.sampled_from(["compact", "repair"]))
+    def offline(self, command: str) -> None:
+        """Close the dataset, run a command that needs the cache to itself, reopen."""
+        with self._step():
+            self._close()
+            args = ["compact", "--json"] if command == "compact" else ["verify", "--repair", "--json"]
+            res = CliRunner().invoke(cli, [*args, self.path], catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            report = json.loads(res.output)
+            if command == "compact":
+                assert report["entries"] == len(self.records)
+            else:
+                damaged = sorted(i for i, r in self.records.items() if r.damaged)
+                assert report["bad"] == damaged and (report["after"] or report)["ok"], report
+                for i in damaged:
+                    del self.records[i]
+            self._open(None if self.readonly else self.salt)
+
     @rule(subset=st.sets(st.integers(0, N - 1), max_size=N), same_source=st.booleans())
     def merge_other(self, subset: set[int], same_source: bool) -> None:
         """Build a second cache of some indices and merge it into ours, live."""
