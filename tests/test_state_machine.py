@@ -5,9 +5,11 @@ bytes were damaged, which computed samples wait in the write buffer, and the cou
 ``stats()`` must show. Rules: reads, ``__getitems__``, ``flush``, close and reopen (with
 the source or ``source=None``), a ``version=`` bump under each ``on_stale`` mode,
 ``kvcache gc`` (CliRunner), ``merge`` of a second cache, damaging one record in place in
-``data.mdb``, and a DataLoader epoch in forked workers. After every step the samples
-served, ``stats()``, ``open_cache().keys()``, ``len`` and every stored sample agree with
-the model, and the warnings emitted are exactly the ones the model expects.
+``data.mdb``, ``kvcache verify``, ``compact`` and ``verify --repair``, switching
+``transform=``, and a DataLoader epoch in forked workers. After every step the samples
+served, ``stats()``, ``open_cache().keys()``, ``len`` (the stored tally), ``inspect`` and
+every stored sample agree with the model, and the warnings emitted are exactly the ones
+the model expects.
 
 The default run is small; ``-m slow`` runs a longer one (zarr-python's store state
 machine is the pattern).
@@ -66,6 +68,12 @@ def expected(salt: int, i: int):
     return _EXPECTED[salt, i]
 
 
+def augment(sample):
+    """A transform= for the machine: deterministic, so the model knows what it serves."""
+    image, label = sample
+    return image.flip(-1), label + 1000
+
+
 @dataclass
 class Record:
     """What LMDB holds at one index, as the model sees it."""
@@ -88,6 +96,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.warned: set[str] = set()  # this dataset instance's warn-once keys
         self.want_warnings: list[str] = []
         self.write_batch = 4096
+        self.transform = None  # transform= of the dataset: served samples, never stored ones
+        self.lru_bytes = 0
+        self.lru: set[int] = set()  # indices in the dataset's LRU (large enough never to evict)
         self.others = 0
 
     # -- the dataset under test
@@ -97,7 +108,8 @@ class CacheMachine(RuleBasedStateMachine):
         model's per-instance state."""
         source = None if salt is None else ImageSource(N, salt)
         ds = LmdbCachedDataset(source, self.path, version=None if salt is None else salt,
-                               on_stale=on_stale, write_batch=self.write_batch)
+                               on_stale=on_stale, write_batch=self.write_batch, transform=self.transform,
+                               lru_bytes=self.lru_bytes)
         # The writer also flushes a batch once its oldest row is 2 s old: a wall-clock
         # trigger the model cannot predict. Count-triggered flushes stay (write_batch).
         ds._writer.batch_seconds = math.inf
@@ -105,6 +117,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.readonly = salt is None
         self.stats = dict.fromkeys(kvcache.CacheStats().as_dict(), 0)
         self.warned = set()
+        self.lru = set()
         if salt is not None:
             self.salt = salt
 
@@ -132,6 +145,10 @@ class CacheMachine(RuleBasedStateMachine):
             self.want_warnings.append(key)
 
     # -- the model
+
+    def _served(self, i: int):
+        sample = expected(self.salt, i)
+        return sample if self.transform is None else self.transform(sample)
 
     def _good(self, i: int) -> bool:
         r = self.records.get(i)
@@ -161,6 +178,9 @@ class CacheMachine(RuleBasedStateMachine):
     def _model_lookup(self, i: int) -> str:
         """What reading index ``i`` from LMDB gives: ``"hit"``, ``"compute"``,
         ``"missing"`` or ``"corrupt"`` (the last two only without a source)."""
+        if self.lru_bytes and i in self.lru:
+            self.stats["lru_hits"] += 1
+            return "hit"
         r = self.records.get(i)
         if r is None:
             return "missing" if self.readonly else "compute"
@@ -175,13 +195,16 @@ class CacheMachine(RuleBasedStateMachine):
             self._warn("corrupt")
             return "compute"
         self.stats["hits"] += 1
+        self.lru.add(i)
         return "hit"
 
     # -- rules
 
-    @initialize(write_batch=st.sampled_from([1, 3, 4096]))
-    def start(self, write_batch: int) -> None:
+    @initialize(write_batch=st.sampled_from([1, 3, 4096]), transformed=st.booleans(), lru=st.booleans())
+    def start(self, write_batch: int, transformed: bool, lru: bool) -> None:
         self.write_batch = write_batch
+        self.lru_bytes = 1 << 20 if lru else 0
+        self.transform = augment if transformed else None
         with self._step():
             self._open(0)
 
@@ -203,10 +226,11 @@ class CacheMachine(RuleBasedStateMachine):
             else:
                 if outcome == "compute":
                     self._model_compute(j)
-                assert same(self.ds[i], expected(self.salt, j))
+                assert same(self.ds[i], self._served(j))
 
-    @rule(indices=st.lists(st.integers(0, N - 1), max_size=6))
-    def getitems(self, indices: list[int]) -> None:
+    @rule(asked=st.lists(st.integers(-N, N - 1), max_size=6))
+    def getitems(self, asked: list[int]) -> None:
+        indices = [i % N for i in asked]
         with self._step():
             # one read transaction for the batch, then the misses computed in order
             outcomes = []
@@ -214,19 +238,25 @@ class CacheMachine(RuleBasedStateMachine):
                 outcomes.append(self._model_lookup(i))
                 if outcomes[-1] == "corrupt":
                     with pytest.raises(CorruptRecordError):
-                        self.ds.__getitems__(indices)
+                        self.ds.__getitems__(asked)
                     return
             if "missing" in outcomes:
                 with pytest.raises(MissingSampleError):
-                    self.ds.__getitems__(indices)
+                    self.ds.__getitems__(asked)
                 return
             for i, outcome in zip(indices, outcomes):
                 if outcome == "compute":
                     self._model_compute(i)
-            got = self.ds.__getitems__(indices)
+            got = self.ds.__getitems__(asked)
             assert len(got) == len(indices)
             for i, sample in zip(indices, got):
-                assert same(sample, expected(self.salt, i)), i
+                assert same(sample, self._served(i)), i
+
+    @rule(on=st.booleans())
+    def set_transform(self, on: bool) -> None:
+        """``ds.transform`` changes what is served, not what is stored or its fingerprint."""
+        with self._step():
+            self.transform = self.ds.transform = augment if on else None
 
     @rule()
     def flush(self) -> None:
@@ -347,7 +377,7 @@ class CacheMachine(RuleBasedStateMachine):
             got = [s for batch in loader for s in batch]
             assert len(got) == len(order)
             for i, sample in zip(order, got):
-                assert same(sample, expected(self.salt, i)), i
+                assert same(sample, self._served(i)), i
             if not self.readonly:
                 for i in order:
                     self.records[i] = Record(self.salt)
@@ -398,7 +428,7 @@ class CacheMachine(RuleBasedStateMachine):
 
 def _run(max_examples: int, steps: int) -> None:
     run_state_machine_as_test(CacheMachine, settings=settings(
-        settings.get_profile("default"), max_examples=max_examples, stateful_step_count=steps))
+        settings.get_profile("default"), max_examples=max_examples, stateful_step_count=steps, deadline=None))
 
 
 def test_state_machine():
