@@ -48,6 +48,7 @@ from .lockfree import (
     NoEnvironment,
     network_refusal,
     network_writes_allowed,
+    prefetch,
     published_note,
 )
 from .mounts import FsInfo, filesystem_of
@@ -475,4 +476,6 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
         if is_readonly_error(exc):
             raise CacheReadOnlyError(f"{path}: cannot initialise the cache ({exc})") from None
         raise CacheCorruptError(f"{path}: cannot open the cache ({type(exc).__name__}: {exc})") from None
+    if e.lockfree and readahead:
+        prefetch(path)
     return e

@@ -13,10 +13,51 @@ from typing import Any
 
 from .mounts import FsInfo
 
-__all__ = ["ALLOW_NETWORK_WRITES_ENV", "EmptyTxn", "NoEnvironment", "network_refusal",
-           "network_writes_allowed", "published_note"]
+__all__ = ["ALLOW_NETWORK_WRITES_ENV", "EmptyTxn", "NoEnvironment", "PREFETCH_BYTES_ENV", "network_refusal",
+           "network_writes_allowed", "prefetch", "prefetch_limit", "published_note"]
 
 ALLOW_NETWORK_WRITES_ENV = "KVCACHE_ALLOW_NETWORK_WRITES"
+PREFETCH_BYTES_ENV = "KVCACHE_PREFETCH_BYTES"
+DEFAULT_PREFETCH_BYTES = 256 << 20
+
+
+def prefetch_limit() -> int:
+    """The largest ``data.mdb`` that :func:`prefetch` reads ahead (``KVCACHE_PREFETCH_BYTES``,
+    default 256 MiB; 0 turns prefetching off)."""
+    try:
+        return int(os.environ.get(PREFETCH_BYTES_ENV, DEFAULT_PREFETCH_BYTES))
+    except ValueError:
+        return DEFAULT_PREFETCH_BYTES
+
+
+def prefetch(path: str) -> bool:
+    """Read a lock-free cache's ``data.mdb`` once, sequentially in 1 MiB reads, when it
+    is no larger than :func:`prefetch_limit`, so that its pages are in the page cache
+    before the first random read. Over a network the first pass then costs a few large
+    round trips instead of one per page fault (docs/network.md measures it;
+    ``posix_fadvise(WILLNEED)`` does not do it: Linux caps it at the readahead window).
+    Returns whether it read the file; errors are ignored (the reads will fault pages in).
+    """
+    limit = prefetch_limit()
+    if limit <= 0:
+        return False
+    try:
+        fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return False
+        buf = bytearray(1 << 20)
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while f.readinto(buf):
+                pass
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def network_refusal(path: str, fs: FsInfo) -> str:
