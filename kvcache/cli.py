@@ -152,7 +152,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         f"map:           {_size(r.map_size)}, {100 * r.map_used:.1f}% used",
         f"readers:       {r.readers_used} of {r.max_readers} slots in use"
         + (" (opened lock-free: no reader table)" if r.lockfree else ""),
-        f"filesystem:    {r.filesystem or 'unknown'}",
+        f"filesystem:    {r.filesystem or 'unknown'}"
+        + (f" ({r.network} filesystem: read lock-free, never written)" if r.network else ""),
         "published:     " + (f"yes, {_when(r.published.get('time'))} from {r.published.get('from')} "
                              "(immutable; read lock-free)" if r.published else "no"),
         f"layouts:       {r.layouts}" + (f" (and {r.other_layout_entries:,} records of further layouts)"

@@ -61,8 +61,8 @@ class FsInfo:
     network: str | None  # "network" / "FUSE" when LMDB must not be written there, else None
 
     def describe(self) -> str:
-        kind = f", {self.network} filesystem" if self.network else ""
-        return f"{self.fstype} ({self.source} on {self.mount_point}{kind})"
+        """``nfs4: server:/export on /mnt/data``."""
+        return f"{self.fstype}: {self.source} on {self.mount_point}"
 
 
 def unescape(field: str) -> str:

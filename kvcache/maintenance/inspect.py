@@ -39,7 +39,7 @@ class InspectReport(CacheInfo):
     leaves: list[LeafSummary] = field(default_factory=list)
     layouts: int = 0  # distinct layouts among current records (the first MAX_LAYOUTS)
     other_layout_entries: int = 0  # current records of layouts past the first MAX_LAYOUTS
-    filesystem: str | None = None  # e.g. "nfs4 (server:/export on /mnt/data, network filesystem)"
+    filesystem: str | None = None  # e.g. "nfs4: server:/export on /mnt/data"
     network: str | None = None  # "network" / "FUSE" where kvcache reads it lock-free, never writes
     published: dict | None = None  # the ``published`` info row (when, from where) of a published cache
     lockfree: bool = False  # opened read-only without LMDB's lock (published, or on a network fs)
