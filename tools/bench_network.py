@@ -13,8 +13,9 @@ round trip:
 * ``lmdb+pickle``: the "folder2lmdb" recipe (``lmdb.open(readonly, lock=False,
   readahead=False)``, ``pickle.loads`` per item);
 * ``kvcache published``: ``kvcache publish`` of a local cache, read with
-  ``LmdbCachedDataset(source, path)`` and its defaults (readahead on for a published
-  cache), and with ``readahead=False``;
+  ``LmdbCachedDataset(source, path)`` and its defaults (readahead on and a sequential
+  prefetch at open, for a published cache), without the prefetch
+  (``KVCACHE_PREFETCH_BYTES=0``), and with ``readahead=False`` (no prefetch either);
 * the same published kvcache cache read from local disk: the baseline of the steady state.
 
 Each is read in random order (a new order each pass) in a fresh process for ``--passes``
@@ -111,7 +112,9 @@ def make_reader(kind: str, path: str, n: int) -> Any:
         return LmdbPickle(path, n)
     import kvcache
 
-    ra = {"kvcache": None, "kvcache-ra-off": False}[kind]
+    ra = {"kvcache": None, "kvcache-ra-off": False, "kvcache-no-prefetch": None}[kind]
+    if kind == "kvcache-no-prefetch":
+        os.environ["KVCACHE_PREFETCH_BYTES"] = "0"  # this child only
     return kvcache.LmdbCachedDataset(Cifarish(n), path, readahead=ra)
 
 
@@ -230,10 +233,11 @@ def run_child(args: list[str]) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-KINDS = ["per-file", "lmdb+pickle", "kvcache", "kvcache-ra-off"]
+KINDS = ["per-file", "lmdb+pickle", "kvcache", "kvcache-no-prefetch", "kvcache-ra-off"]
 LABEL = {"per-file": "per-file .npy + label", "lmdb+pickle": "LMDB + pickle",
          "kvcache": "kvcache published (default: readahead on)",
-         "kvcache-ra-off": "kvcache published, readahead=False"}
+         "kvcache-ra-off": "kvcache published, readahead=False",
+         "kvcache-no-prefetch": "kvcache published, readahead on, no prefetch"}
 
 
 def summarize(r: dict) -> dict:
@@ -261,7 +265,15 @@ def main() -> None:
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib: the bench extra)")
     ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader runs")
+    ap.add_argument("--from-json", help="print the table (and --plot) of an earlier run's --json")
     a = ap.parse_args()
+    if a.from_json:
+        with open(a.from_json) as f:
+            results = json.load(f)
+        print(table(results))
+        if a.plot:
+            plot(results, a.plot)
+        return
     if a.child:
         c = json.loads(a.child)
         res = child_passes(*c[1:]) if c[0] == "passes" else child_loader(*c[1:])
@@ -288,7 +300,7 @@ def main() -> None:
             with netsim.NetSim(back, mnt, latency_us=lat) as fs:
                 for kind in KINDS:
                     paired = os.path.join(back, "kvcache") if kind == "kvcache" else None
-                    r = run_child(["passes", kind, os.path.join(mnt, kind.replace("-ra-off", "")), a.n,
+                    r = run_child(["passes", kind, os.path.join(mnt, kind.replace("-ra-off", "").replace("-no-prefetch", "")), a.n,
                                    a.passes, fs.control, 1, paired])
                     results["runs"].append({"latency_us": lat, "kind": kind, "mode": "process",
                                             **summarize(r)})
@@ -324,23 +336,30 @@ def table(res: dict) -> str:
     lines = [f"{res['n']:,} CIFAR-sized items, random order; µs and filesystem operations per item; "
              f"first pass (fresh process, includes opening) / steady state (the fastest later pass; "
              f"ops: their mean)", "",
-             "| latency | cache | how | first µs/item | first ops/item | steady µs/item | steady ops/item |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+             "| latency | cache | how | first µs/item | (of which opening) | first ops/item | steady µs/item "
+             "| steady ops/item |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+
+    def opening(r: dict) -> str:
+        return f"{r['open_ms'] * 1e3 / res['n']:,.1f}" if r.get("open_ms") else "-"
+
     for r in runs:
         if r["mode"] == "local":
-            lines.append(f"| local disk | {LABEL['kvcache']} (the baseline) | 1 process | {r['first_us']:,.1f} | "
-                         f"- | {r['steady_us']:,.1f} | - |")
+            lines.append(f"| none (local disk) | {LABEL['kvcache']}: the baseline | 1 process | {r['first_us']:,.1f} | "
+                         f"{opening(r)} | - | {r['steady_us']:,.1f} | - |")
             continue
         how = "1 process" if r["mode"] == "process" else f"DataLoader, 2 workers, {r['mode'].split()[1]}"
         lines.append(f"| {r['latency_us']:,.0f} µs | {LABEL[r['kind']]} | {how} | {r['first_us']:,.1f} | "
-                     f"{r['first_ops']:.3f} | {r['steady_us']:,.1f} | {r['steady_ops']:.3f} |")
+                     f"{opening(r)} | {r['first_ops']:.3f} | {r['steady_us']:,.1f} | {r['steady_ops']:.3f} |")
     lines += ["", "Ratios (same run):", ""]
     for lat in sorted({r["latency_us"] for r in runs}):
         get = {(r["kind"], r["mode"]): r for r in runs if r["latency_us"] == lat}
         base = get[("kvcache", "local")]
         pf, kv = get[("per-file", "process")], get[("kvcache", "process")]
+        kv_read = kv["first_us"] - kv["open_ms"] * 1e3 / res["n"]
         lines.append(f"- {lat:,.0f} µs: kvcache published vs per-file, first pass: "
-                     f"**{pf['first_us'] / kv['first_us']:,.0f}x** faster; steady state: "
+                     f"**{pf['first_us'] / kv['first_us']:,.0f}x** faster ({pf['first_us'] / kv_read:,.0f}x "
+                     f"leaving out kvcache's opening, {kv['open_ms']:.0f} ms once per process); steady state: "
                      f"{pf['steady_us'] / kv['steady_us']:,.0f}x; steady state vs the same cache on local "
                      f"disk: {kv['steady_us'] / base['steady_us']:.2f}x (separate processes), "
                      f"**{kv['paired_us'] / kv['paired_base_us']:.2f}x** (paired: read alternately in one "
@@ -371,7 +390,8 @@ def plot(res: dict, out: str) -> None:
         steady = [r["steady_us"] for r in rs] + [base["steady_us"]]
         ax.bar(x - 0.2, first, 0.4, label="first pass")
         ax.bar(x + 0.2, steady, 0.4, label="steady state")
-        ax.set_xticks(x, [r["kind"].replace("kvcache-ra-off", "kvcache\nra off") for r in rs] + ["kvcache\nlocal"],
+        ax.set_xticks(x, [r["kind"].replace("kvcache-ra-off", "kvcache\nra off").replace(
+            "kvcache-no-prefetch", "kvcache\nno prefetch") for r in rs] + ["kvcache\nlocal"],
                       fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{lat:,.0f} µs per operation", fontsize=9)
