@@ -95,3 +95,22 @@ def test_this_process_table():
         pytest.skip("no /proc/self/mountinfo")
     assert info.mount_point and info.fstype
     assert mounts.filesystem_of("/definitely/not/there/x") is not None  # the root mount holds it
+
+
+def test_network_write_override_and_prefetch_settings(monkeypatch, tmp_path):
+    from kvcache import lockfree
+
+    monkeypatch.delenv(lockfree.ALLOW_NETWORK_WRITES_ENV, raising=False)
+    assert not lockfree.network_writes_allowed(False) and lockfree.network_writes_allowed(True)
+    monkeypatch.setenv(lockfree.ALLOW_NETWORK_WRITES_ENV, "1")
+    assert lockfree.network_writes_allowed(False)
+    monkeypatch.setenv(lockfree.ALLOW_NETWORK_WRITES_ENV, "0")
+    assert not lockfree.network_writes_allowed(False)
+    (tmp_path / "data.mdb").write_bytes(b"\0" * 5000)
+    monkeypatch.delenv(lockfree.PREFETCH_BYTES_ENV, raising=False)
+    assert lockfree.prefetch(str(tmp_path))
+    monkeypatch.setenv(lockfree.PREFETCH_BYTES_ENV, "4096")  # larger than the limit: not read
+    assert not lockfree.prefetch(str(tmp_path))
+    monkeypatch.setenv(lockfree.PREFETCH_BYTES_ENV, "0")
+    assert not lockfree.prefetch(str(tmp_path))
+    assert not lockfree.prefetch(str(tmp_path / "missing"))
