@@ -4,12 +4,12 @@ The model knows, per index, which source version wrote the record in LMDB and wh
 bytes were damaged, which computed samples wait in the write buffer, and the counts
 ``stats()`` must show. Rules: reads, ``__getitems__``, ``flush``, close and reopen (with
 the source or ``source=None``), a ``version=`` bump under each ``on_stale`` mode,
-``kvcache gc`` (CliRunner), ``merge`` of a second cache, damaging one record in place in
-``data.mdb``, ``kvcache verify``, ``compact`` and ``verify --repair``, switching
-``transform=``, and a DataLoader epoch in forked workers. After every step the samples
-served, ``stats()``, ``open_cache().keys()``, ``len`` (the stored tally), ``inspect`` and
-every stored sample agree with the model, and the warnings emitted are exactly the ones
-the model expects.
+``build()``, ``kvcache gc`` (CliRunner), ``merge`` of a second cache, damaging one record
+in place in ``data.mdb``, ``kvcache verify``, ``compact`` and ``verify --repair``,
+switching ``transform=``, and a DataLoader epoch in forked workers. After every step the
+samples served, ``stats()``, ``open_cache().keys()``, ``len`` (the stored tally),
+``inspect`` and every stored sample agree with the model, and the warnings emitted are
+exactly the ones the model expects.
 
 The default run is small; ``-m slow`` runs a longer one (zarr-python's store state
 machine is the pattern).
@@ -285,6 +285,22 @@ class CacheMachine(RuleBasedStateMachine):
                 self.records.clear()
                 self._warn("reset")
 
+    @rule(workers=st.sampled_from([0, 1]))
+    def build(self, workers: int) -> None:
+        """``build()`` fills every index without a record of this source (a damaged one
+        is a record: ``verify`` finds it, a read replaces it)."""
+        with self._step():
+            if self.readonly:
+                with pytest.raises(MissingSampleError):
+                    self.ds.build(num_workers=workers)
+                return
+            self._model_flush()
+            todo = [i for i in range(N) if i not in self.records or self.records[i].salt != self.salt]
+            report = self.ds.build(num_workers=workers)
+            assert (report.total, report.computed, report.already_cached) == (N, len(todo), N - len(todo))
+            for i in todo:
+                self.records[i] = Record(self.salt)
+
     @rule()
     def gc(self) -> None:
         with self._step():
@@ -391,6 +407,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert len(self.ds) == N
         assert self.ds.stats().as_dict() == self.stats
         current = sorted(i for i, r in self.records.items() if r.salt == self.salt)
+        assert sorted(self.ds.cached_indices()) == current
         per_source = sorted(Counter(r.salt for r in self.records.values()).values())
         missing = object()
         with open_cache(self.path) as view:
@@ -432,7 +449,7 @@ def _run(max_examples: int, steps: int) -> None:
 
 
 def test_state_machine():
-    _run(max_examples=12, steps=25)
+    _run(max_examples=10, steps=20)
 
 
 @pytest.mark.slow
