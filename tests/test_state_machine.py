@@ -430,6 +430,10 @@ class CacheMachine(RuleBasedStateMachine):
                         view[i]
                 else:
                     assert same(view[i], expected(self.salt, i)), i
+            if not any(self.records[i].damaged for i in current):
+                items = list(view.items())  # a Mapping's items(): decoded, in index order
+                assert [i for i, _ in items] == current
+                assert all(same(v, expected(self.salt, i)) for i, v in items)
         report = inspect_cache(self.path)
         assert (report.current_entries, report.stale_entries) == (len(current), len(self.records) - len(current))
 
