@@ -203,6 +203,9 @@ def _verify_text(r: m.VerifyReport) -> str:
             lines.append(f"  {i}: {r.reasons.get(str(i), '?')}")
     if r.orphans:
         lines.append(f"orphan rows ({len(r.orphans)}): {_list(r.orphans)}")
+    if not r.tally_ok:
+        lines.append("the stored count of records per source disagrees with the metadata rows "
+                     "(len(open_cache) and inspect would be wrong)")
     if r.spot_checked:
         lines.append(f"spot check: {r.spot_checked} recomputed, {len(r.spot_mismatches)} differ"
                      + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else "")
@@ -210,7 +213,8 @@ def _verify_text(r: m.VerifyReport) -> str:
     if r.repaired:
         how = (f"salvaged {r.salvaged:,} good records into a fresh file" if r.salvaged is not None
                else f"replaced {r.spot_repaired} records" if r.spot_mismatches
-               else f"deleted {r.removed} rows (records and their metadata)")
+               else f"deleted {r.removed} rows (records and their metadata)" if r.removed or r.tally_ok
+               else "recounted the records per source")
         lines.append(f"repair: {how}; verified again: {'ok' if r.ok else 'still damaged'}")
         if r.after is not None and not r.ok:
             lines.append(_verify_text(r.after))

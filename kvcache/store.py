@@ -86,11 +86,13 @@ class Rows:
     Args:
         txn: a write transaction (``buffers=False``).
         samples, meta, info: the three databases.
+        recount: walk the rows even where the stored tally's total matches them
+            (``kvcache verify --repair`` of a tally that disagrees with its rows).
     """
 
-    def __init__(self, txn: Any, samples: Any, meta: Any, info: Any) -> None:
+    def __init__(self, txn: Any, samples: Any, meta: Any, info: Any, recount: bool = False) -> None:
         self.txn, self.samples, self.meta, self.info = txn, samples, meta, info
-        t = Tally.from_json(txn.get(TALLY_KEY, db=info))
+        t = None if recount else Tally.from_json(txn.get(TALLY_KEY, db=info))
         if t is None or t.rows != txn.stat(meta)["entries"]:
             t = count_rows(txn, meta)
         self.tally = t

@@ -83,6 +83,19 @@ class Tally:
         if not t.rows:
             del self.fps[fp_id]
 
+    def agrees_with(self, walked: "Tally") -> bool:
+        """Whether this (stored) tally says what a walk of the rows found: the same rows and
+        bytes per fingerprint, and the same count for every layout both of them track."""
+        if set(self.fps) != set(walked.fps):
+            return False
+        for fp, t in self.fps.items():
+            w = walked.fps[fp]
+            if (t.rows, t.bytes) != (w.rows, w.bytes):
+                return False
+            if any(w.layouts.get(lay, n) != n for lay, n in t.layouts.items()):
+                return False
+        return True
+
     def to_json(self) -> bytes:
         return json.dumps({"fp": {str(fp): {"rows": t.rows, "bytes": t.bytes, "other": t.other,
                                             "layouts": {k.hex(): n for k, n in t.layouts.items()}}

@@ -211,3 +211,25 @@ def test_publish_salvage_and_spot_check_repair_keep_the_tally(tmp_path):
     rep = verify(path, repair=True)
     assert rep.repaired and rep.salvaged is not None and rep.ok, rep
     assert assert_exact(path) == rep.salvaged
+
+
+def test_verify_finds_and_repair_recounts_a_tally_that_lies(tmp_path):
+    """A tally whose total matches the rows but whose counts do not (a damaged info row):
+    readers cannot tell, verify can, and --repair recounts it."""
+    path = str(tmp_path / "c")
+    build("_cli_helpers:small", path)
+    true, stored, cur = walk(path)
+    t = stored.fps[cur]
+    t.bytes += 1  # same number of rows, wrong sizes
+    env = lmdb.open(path, max_dbs=4, subdir=True)
+    with env.begin(write=True, db=env.open_db(b"info")) as txn:
+        txn.put(TALLY_KEY, stored.to_json())
+    env.close()
+    rep = verify(path)
+    assert not rep.ok and not rep.tally_ok and not (rep.bad or rep.orphans or rep.errors)
+    out = CliRunner().invoke(cli, ["verify", path])
+    assert out.exit_code == 1 and "disagrees with the metadata rows" in out.output
+    out = CliRunner().invoke(cli, ["verify", "--repair", path])
+    assert out.exit_code == 0, out.output
+    assert "repair: recounted the records per source; verified again: ok" in out.output
+    assert verify(path).ok and assert_exact(path) == 200

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
-from ..store import KEY, Rows
+from ..store import KEY, Rows, count_rows
+from ..tally import TALLY_KEY, Tally
 from ._common import exclusive, open_raw, sibling_dir, swap_in
 from .spec import load_spec
 
@@ -47,6 +48,7 @@ class VerifyReport:
     spot_checked: int = 0
     spot_mismatches: list[int] = field(default_factory=list)
     spot_repaired: int = 0  # mismatched records replaced by the recomputed ones (--repair)
+    tally_ok: bool = True  # the stored count of rows per fingerprint agrees with the rows
     after: VerifyReport | None = None
 
 
@@ -126,7 +128,24 @@ def scan(path: str, progress: Progress | None = None) -> VerifyReport:
     rep.checked, rep.entries = res["checked"], res["entries"]
     rep.bad, rep.reasons, rep.orphans, rep.errors = res["bad"], res["reasons"], res["orphans"], res["errors"]
     rep.ok = not (rep.bad or rep.orphans or rep.errors)
+    if rep.ok:  # the child walked every page: reading the rows here is safe
+        rep.tally_ok = rep.ok = _tally_ok(path)
     return rep
+
+
+def _tally_ok(path: str) -> bool:
+    """Whether the stored tally (kvcache.tally) says what the metadata rows hold. A cache
+    without one, or whose total differs from the rows, is fine: readers then walk."""
+    env = open_raw(path)
+    try:
+        info, meta = env.open_db(b"info", create=False), env.open_db(b"meta", create=False)
+        with env.begin() as txn:
+            stored = Tally.from_json(txn.get(TALLY_KEY, db=info))
+            if stored is None or stored.rows != txn.stat(meta)["entries"]:
+                return True
+            return stored.agrees_with(count_rows(txn, meta))
+    finally:
+        env.close()
 
 
 def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: bool) -> None:
@@ -196,13 +215,13 @@ def _salvage(path: str) -> int:
         shutil.rmtree(src, ignore_errors=True)
 
 
-def _remove(path: str, indices: list[int]) -> int:
+def _remove(path: str, indices: list[int], recount: bool = False) -> int:
     env = open_raw(path, write=True)
     try:
         dbs = [env.open_db(name, create=False) for name in (b"samples", b"meta", b"info")]
         n = 0
         with env.begin(write=True) as txn:
-            rows = Rows(txn, *dbs)  # keeps the tally of metadata rows
+            rows = Rows(txn, *dbs, recount=recount)  # keeps the tally of metadata rows
             for i in indices:
                 n += sum(rows.delete(KEY.pack(i)))
             rows.save()
@@ -251,7 +270,8 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
                 rep.salvaged = _salvage(path)
                 rep.removed = max(rep.entries - rep.salvaged, 0)
             else:
-                rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)))
+                rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)),
+                                      recount=not rep.tally_ok)
             rep.repaired = True
     rep.after = scan(path)
     rep.ok = rep.after.ok and rep.spot_repaired == len(rep.spot_mismatches)
