@@ -205,7 +205,7 @@ def _verify_text(r: m.VerifyReport) -> str:
         lines.append(f"orphan rows ({len(r.orphans)}): {_list(r.orphans)}")
     if not r.tally_ok:
         lines.append("the stored count of records per source disagrees with the metadata rows "
-                     "(len(open_cache) and inspect would be wrong)")
+                     f"(len(open_cache) and inspect are off); `kvcache verify --repair {r.path}` recounts it")
     if r.spot_checked:
         lines.append(f"spot check: {r.spot_checked} recomputed, {len(r.spot_mismatches)} differ"
                      + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else "")
@@ -224,7 +224,7 @@ def _verify_text(r: m.VerifyReport) -> str:
     elif not r.ok:
         lines.append(f"problems found; `kvcache verify --repair {r.path}` removes them")
     if r.ok and not r.repaired:
-        lines.append("ok")
+        lines.append("ok" if r.tally_ok else "records ok")
     return "\n".join(lines)
 
 

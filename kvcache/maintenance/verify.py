@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
-from ..store import KEY, Rows, count_rows
+from ..store import KEY, Rows, Store, count_rows
 from ..tally import TALLY_KEY, Tally
 from ._common import exclusive, open_raw, sibling_dir, swap_in
 from .spec import load_spec
@@ -48,7 +48,9 @@ class VerifyReport:
     spot_checked: int = 0
     spot_mismatches: list[int] = field(default_factory=list)
     spot_repaired: int = 0  # mismatched records replaced by the recomputed ones (--repair)
-    tally_ok: bool = True  # the stored count of rows per fingerprint agrees with the rows
+    # the stored count of rows per fingerprint (len(open_cache), inspect) agrees with the
+    # rows; not part of ``ok`` (no sample is wrong), and ``repair`` recounts it
+    tally_ok: bool = True
     after: VerifyReport | None = None
 
 
@@ -128,24 +130,21 @@ def scan(path: str, progress: Progress | None = None) -> VerifyReport:
     rep.checked, rep.entries = res["checked"], res["entries"]
     rep.bad, rep.reasons, rep.orphans, rep.errors = res["bad"], res["reasons"], res["orphans"], res["errors"]
     rep.ok = not (rep.bad or rep.orphans or rep.errors)
-    if rep.ok:  # the child walked every page: reading the rows here is safe
-        rep.tally_ok = rep.ok = _tally_ok(path)
     return rep
 
 
-def _tally_ok(path: str) -> bool:
-    """Whether the stored tally (kvcache.tally) says what the metadata rows hold. A cache
-    without one, or whose total differs from the rows, is fine: readers then walk."""
-    env = open_raw(path)
-    try:
-        info, meta = env.open_db(b"info", create=False), env.open_db(b"meta", create=False)
-        with env.begin() as txn:
-            stored = Tally.from_json(txn.get(TALLY_KEY, db=info))
-            if stored is None or stored.rows != txn.stat(meta)["entries"]:
-                return True
-            return stored.agrees_with(count_rows(txn, meta))
-    finally:
-        env.close()
+def _check_tally(rep: VerifyReport) -> None:
+    """After a clean scan (the child walked every page, so reading here is safe): whether
+    the stored tally (kvcache.tally) says what the metadata rows hold. A cache without one,
+    or whose total differs from the rows, is fine: readers walk the rows there."""
+    if not rep.ok:
+        return
+    with Store(rep.path, readonly=True, create=False) as store:  # this process's env if open
+        e = store.handle()
+        with store.begin(e.info) as txn:
+            stored = Tally.from_json(txn.get(TALLY_KEY))
+            if stored is not None and stored.rows == txn.stat(e.meta)["entries"]:
+                rep.tally_ok = stored.agrees_with(count_rows(txn, e.meta))
 
 
 def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: bool) -> None:
@@ -258,9 +257,10 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
     if spot_check and not source:
         raise ValueError("spot_check needs source= (a module:callable spec)")
     rep = scan(path, progress_for(progress, "verify"))
+    _check_tally(rep)
     if rep.ok and spot_check:
         _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
-    if not repair or rep.ok:
+    if not repair or (rep.ok and rep.tally_ok):
         return rep
     if rep.spot_mismatches:  # the spot check replaced them; the scan below checks the result
         rep.repaired = bool(rep.spot_repaired)
@@ -274,5 +274,6 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
                                       recount=not rep.tally_ok)
             rep.repaired = True
     rep.after = scan(path)
+    _check_tally(rep.after)
     rep.ok = rep.after.ok and rep.spot_repaired == len(rep.spot_mismatches)
     return rep
