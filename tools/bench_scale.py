@@ -1,0 +1,257 @@
+"""How a cache behaves as it grows: 10^4, 10^5, 10^6 samples of 3 KiB (``--big``: 10^7).
+
+    python tools/bench_scale.py [--sizes 10000,100000,1000000] [--big] [--root DIR]
+                                [--reads 100000] [--json bench_out/scale.json]
+                                [--plot docs/img/scale.png] [--keep]
+
+At each size, on one cache built by ``LmdbCachedDataset.build()``:
+
+* build items/s (serial, a source that costs next to nothing: this is the writer's rate);
+* warm random ``ds[i]`` in µs per item, and the raw LMDB floor on the same file (one
+  ``get`` in a read transaction per item, ``np.frombuffer``, one copy), with their ratio;
+  the two are timed alternately, 3 rounds each, median;
+* open: ``LmdbCachedDataset(None, path)`` + ``len`` (no source), with the source
+  (fingerprint resolved), ``open_cache`` + ``len``; ``cached_indices()``; a spot check
+  of 10 samples (what ``spot_check=10`` adds to opening);
+* ``kvcache inspect`` and ``kvcache verify`` (the library calls the commands run);
+* bytes on disk per sample (``data.mdb``'s allocated blocks) and the samples B-tree depth.
+
+Read cost should be nearly flat (one more B-tree level per ~100x); open, inspect, ``len``
+and spot checks should not grow with the cache; ``cached_indices`` and verify are O(n)
+by nature and are shown per item. ``uptime``'s load is printed: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import lmdb
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kvcache import LmdbCachedDataset, open_cache  # noqa: E402
+from kvcache.integrity import spot_check  # noqa: E402
+from kvcache.maintenance import inspect_cache, verify  # noqa: E402
+from kvcache.store import KEY  # noqa: E402
+
+SAMPLE_BYTES = 3072
+_BASE = np.random.default_rng(0).integers(0, 256, SAMPLE_BYTES + 4096, dtype=np.uint8)
+
+
+class Small(torch.utils.data.Dataset):
+    """3 KiB uint8 arrays, cheap to make (a slice of one random block), distinct per index."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        o = i % 4096
+        a = _BASE[o:o + SAMPLE_BYTES].copy()
+        a[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)
+        return a
+
+
+def best(fn: Callable[[], Any], reps: int = 3) -> float:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def time_reads(path: str, n: int, order: list[int]) -> tuple[float, float]:
+    """(ds[i] µs, floor µs) per item, alternating 3 rounds each, medians."""
+    ds_t, fl_t = [], []
+    key = KEY.pack
+    for _ in range(3):
+        ds = LmdbCachedDataset(None, path)
+        for i in order:  # warm: page cache and plans
+            ds[i]
+        t0 = time.perf_counter()
+        for i in order:
+            ds[i]
+        ds_t.append((time.perf_counter() - t0) / len(order) * 1e6)
+        ds.close()
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, readahead=False)
+        db = env.open_db(b"samples", create=False)
+        with env.begin(db=db, buffers=True) as t:
+            off = len(t.get(key(0))) - SAMPLE_BYTES  # the array's bytes end the record
+        frombuffer, u8 = np.frombuffer, np.uint8
+        for i in order:
+            with env.begin(db=db, buffers=True) as t:
+                frombuffer(t.get(key(i)), u8, SAMPLE_BYTES, off).copy()
+        t0 = time.perf_counter()
+        for i in order:
+            with env.begin(db=db, buffers=True) as t:
+                frombuffer(t.get(key(i)), u8, SAMPLE_BYTES, off).copy()
+        fl_t.append((time.perf_counter() - t0) / len(order) * 1e6)
+        env.close()
+    return statistics.median(ds_t), statistics.median(fl_t)
+
+
+def one_size(root: str, n: int, reads: int, keep: bool) -> dict:
+    path = os.path.join(root, f"n{n}")
+    shutil.rmtree(path, ignore_errors=True)
+    r: dict[str, Any] = {"n": n}
+    with LmdbCachedDataset(Small(n), path) as ds:
+        rep = ds.build()
+    assert rep.computed == n, rep
+    r["build_items_s"] = rep.items_per_s
+    data = os.path.join(path, "data.mdb")
+    st = os.stat(data)
+    r["disk_bytes_per_sample"] = st.st_blocks * 512 / n
+    r["file_bytes_per_sample"] = st.st_size / n
+    with open_cache(path) as v:
+        e = v.store.handle()
+        with e.env.begin() as txn:
+            r["depth"] = txn.stat(e.samples)["depth"]
+
+    def open_none() -> None:
+        with LmdbCachedDataset(None, path) as d:
+            assert len(d) == n
+
+    def open_src() -> None:
+        with LmdbCachedDataset(Small(n), path) as d:
+            assert len(d) == n
+
+    def open_view() -> None:
+        with open_cache(path) as v:
+            assert len(v) == n
+
+    r["open_none_ms"] = best(open_none) * 1e3
+    r["open_source_ms"] = best(open_src) * 1e3
+    r["open_cache_ms"] = best(open_view) * 1e3
+    with LmdbCachedDataset(Small(n), path) as d:
+        r["cached_indices_s"] = best(lambda: d.cached_indices(), 2)
+        assert len(d.cached_indices()) == n
+
+    with LmdbCachedDataset(Small(n), path) as d:  # what spot_check=10 adds to opening
+        rep10 = spot_check(d, 10)
+        assert rep10.checked == 10 and rep10.ok
+        r["spot_check_10_ms"] = best(lambda: spot_check(d, 10)) * 1e3
+    r["inspect_ms"] = best(lambda: inspect_cache(path)) * 1e3
+    t0 = time.perf_counter()
+    ver = verify(path)
+    r["verify_s"] = time.perf_counter() - t0
+    assert ver.ok and ver.checked == n, ver
+    rng = random.Random(n)
+    order = [rng.randrange(n) for _ in range(reads)]
+    r["read_us"], r["floor_us"] = time_reads(path, n, order)
+    r["read_ratio"] = r["read_us"] / r["floor_us"]
+    if not keep:
+        shutil.rmtree(path, ignore_errors=True)
+    return r
+
+
+COLUMNS = [  # (key, header, format)
+    ("n", "samples", "{:,}"),
+    ("build_items_s", "build items/s", "{:,.0f}"),
+    ("read_us", "ds[i] µs", "{:.2f}"),
+    ("floor_us", "floor µs", "{:.2f}"),
+    ("read_ratio", "x floor", "{:.2f}"),
+    ("open_none_ms", "open, no source ms", "{:.1f}"),
+    ("open_source_ms", "open, source ms", "{:.1f}"),
+    ("open_cache_ms", "open_cache+len ms", "{:.1f}"),
+    ("spot_check_10_ms", "spot check 10 ms", "{:.1f}"),
+    ("inspect_ms", "inspect ms", "{:.1f}"),
+    ("cached_indices_s", "cached_indices() s", "{:.3f}"),
+    ("verify_s", "verify s", "{:.2f}"),
+    ("disk_bytes_per_sample", "disk B/sample", "{:,.0f}"),
+    ("depth", "depth", "{}"),
+]
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| " + " | ".join(h for _k, h, _f in COLUMNS) + " |",
+           "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(f.format(r[k]) for k, _h, f in COLUMNS) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ns, [r["read_us"] for r in rows], "o-", label="ds[i] (warm, random)")
+    a.plot(ns, [r["floor_us"] for r in rows], "s--", label="raw LMDB floor")
+    a.set_xscale("log")
+    a.set_ylim(bottom=0)
+    a.set_xlabel("samples in the cache (3 KiB each)")
+    a.set_ylabel("µs per item")
+    a.legend()
+    a.set_title("read cost")
+    for key, label in [("open_source_ms", "open (with source)"), ("open_none_ms", "open (no source)"),
+                       ("inspect_ms", "kvcache inspect"), ("spot_check_10_ms", "spot check of 10"),
+                       ("cached_indices_s", "cached_indices() (x1000)")]:
+        scale = 1000 if key.endswith("_s") else 1
+        b.plot(ns, [r[key] * scale for r in rows], "o-", label=label)
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("samples in the cache")
+    b.set_ylabel("ms")
+    b.legend(fontsize=7)
+    b.set_title("per-cache costs")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--big", action="store_true", help="add 10^7 (about 40 GB of disk)")
+    ap.add_argument("--root", help="where to build the caches (default: a temporary directory)")
+    ap.add_argument("--reads", type=int, default=100_000, help="random reads per round")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plot", help="write a PNG here (needs matplotlib: the bench extra)")
+    ap.add_argument("--keep", action="store_true", help="keep the caches")
+    a = ap.parse_args()
+    sizes = [int(float(x)) for x in a.sizes.split(",") if x] + ([10_000_000] if a.big else [])
+    root = a.root or tempfile.mkdtemp(prefix="kvcache-scale-")
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    load0 = os.getloadavg()
+    try:
+        for n in sizes:
+            t0 = time.perf_counter()
+            rows.append(one_size(root, n, a.reads, a.keep))
+            print(f"[{time.perf_counter() - t0:6.1f}s] n={n:,} done; load {os.getloadavg()[0]:.2f}",
+                  file=sys.stderr, flush=True)
+    finally:
+        if not a.keep and not a.root:
+            shutil.rmtree(root, ignore_errors=True)
+    load1 = os.getloadavg()
+    head = (f"{SAMPLE_BYTES} B samples, {a.reads:,} random reads per round; {os.cpu_count()} CPUs, "
+            f"load average {load0[0]:.2f} before, {load1[0]:.2f} after (1-min)")
+    print(head)
+    print(table(rows))
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"header": head, "rows": rows}, f, indent=2)
+    if a.plot:
+        plot(rows, a.plot)
+
+
+if __name__ == "__main__":
+    main()
