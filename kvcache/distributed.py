@@ -102,6 +102,7 @@ class Exchange:
         self.tick = ROUND_SECONDS
         self.last = time.monotonic()
         self.broken = False  # a round raised: no more collectives
+        self.left: int | None = None  # items left on all ranks after the last round
 
     @property
     def written(self) -> int:
@@ -142,6 +143,7 @@ class Exchange:
             raise BuildError(f"{self.path}: a rank of the build left the process group ({exc}); "
                              "every committed batch is kept: run the build again to finish") from None
         self.last = time.monotonic()
+        self.left = int(state[0])
         if int(state[1]):
             self.broken = True
             why = "; ".join(f"rank {r}: {g[2]}" for r, g in enumerate(got or []) if g[2])
@@ -150,8 +152,11 @@ class Exchange:
         return int(state[0])
 
     def finish(self) -> None:
-        while self.exchange() > 0:
-            pass
+        """Exchange until nothing is left anywhere. The last round may already have
+        happened inside ``add`` (our last rows arrived as a round was due): then every
+        rank saw 0 in it and another round would wait forever for ranks that are done."""
+        while self.left is None or self.left > 0:
+            self.exchange()
 
     def keep_local(self) -> None:
         """On rank 0, after an interruption or error: write what reached us (no collective)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -29,19 +30,32 @@ class DiesOnRank(ImageSource):
 
 
 def build_rank(rank: int, world: int, init: str, path: str, source: torch.utils.data.Dataset,
-               out: str, num_workers: int = 0) -> None:
-    """One rank: construct the dataset on ``path`` and build it with the others."""
+               out: str, num_workers: int = 0, round_seconds: float | None = None) -> None:
+    """One rank: construct the dataset on ``path`` and build it with the others
+    (``round_seconds=0``: a round after every chunk, so the last one often happens
+    inside a rank's last ``add``)."""
+    import kvcache.distributed
     from kvcache import LmdbCachedDataset
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    if round_seconds is not None:
+        kvcache.distributed.ROUND_SECONDS = round_seconds
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         with LmdbCachedDataset(source, path) as ds:
             seen: list[tuple[int, int]] = []
             rep = ds.build(distributed=True, num_workers=num_workers,
                            progress=lambda d, t: seen.append((d, t)))
+        # the build left every rank at the same collective: the next ones match up
+        total = torch.tensor([rank + 1], dtype=torch.int64)
+        dist.all_reduce(total)
+        names: list = [None] * world
+        dist.all_gather_object(names, f"rank{rank}")
+        in_step = int(total[0]) == world * (world + 1) // 2 and names == [f"rank{r}" for r in range(world)]
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"computed": rep.computed, "already": rep.already_cached, "total": rep.total,
                        "ranks": rep.ranks, "rank": rep.rank, "progress": seen[-1:] and list(seen[-1]),
-                       "updates": len(seen)}, f)
+                       "updates": len(seen), "in_step": in_step}, f)
     finally:
         dist.destroy_process_group()
