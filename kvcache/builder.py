@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
+import random
 import signal
 import time
 import warnings
@@ -38,10 +38,10 @@ from .errors import (
 )
 from .progress import Progress, progress_for
 from .stats import BuildReport
-from .store import META_ROW, Store
+from .store import KEY, META_ROW, Store
 
-__all__ = ["BATCH_ITEMS", "Filled", "Sink", "build", "encode_rows", "fill", "missing", "start_method",
-           "warn_too_large"]
+__all__ = ["BATCH_ITEMS", "Filled", "Sink", "build", "cached_set", "encode_rows", "fill", "missing",
+           "sample_cached", "start_method", "warn_too_large"]
 
 BATCH_ITEMS = 4096  # records per write transaction (a commit costs an fsync)
 BATCH_BYTES = 64 << 20
@@ -109,6 +109,47 @@ def missing(store: Store, fp_id: int | None, n: int) -> np.ndarray:
                     if i < n:
                         have[i] = True
     return np.flatnonzero(~have)
+
+
+def cached_set(store: Store, fp_id: int | None) -> set[int]:
+    """The indices holding a metadata row of ``fp_id``: one cursor pass, reading only the
+    keys where every row is ``fp_id``'s (the tally says so)."""
+    if fp_id is None:
+        return set()
+    e = store.handle()
+    from_bytes = int.from_bytes
+    with store.begin(e.meta) as txn:
+        cur = txn.cursor()
+        if store.count(fp_id) == txn.stat(e.meta)["entries"]:
+            return {from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
+        want = META_ROW.pack(fp_id, 0, 0)[:4]
+        return {from_bytes(k, "big") for k, v in cur.iternext(keys=True, values=True)
+                if v[:4] == want and len(v) >= META_ROW.size}
+
+
+def sample_cached(store: Store, fp_id: int | None, n: int, k: int, rng: random.Random) -> list[int]:
+    """``k`` distinct random indices below ``n`` holding a row of ``fp_id``. Where at least
+    a twentieth of them are cached, random indices are probed (one row read each, a few
+    per hit); a sparser cache is listed (:func:`cached_set`) and sampled."""
+    count = 0 if fp_id is None else store.count(fp_id)
+    want = min(k, count)
+    if want <= 0:
+        return []
+    if count * 20 >= n:
+        chosen: dict[int, None] = {}
+        tag = META_ROW.pack(fp_id, 0, 0)[:4]
+        e = store.handle()
+        with store.begin(e.meta) as txn:
+            for _ in range(100 * want + 100):
+                i = rng.randrange(n)
+                if i not in chosen:
+                    row = txn.get(KEY.pack(i))
+                    if row is not None and row[:4] == tag and len(row) >= META_ROW.size:
+                        chosen[i] = None
+                        if len(chosen) == want:
+                            return list(chosen)
+    have = sorted(cached_set(store, fp_id))
+    return rng.sample(have, min(k, len(have)))
 
 
 class Sink:

@@ -26,6 +26,7 @@ from .errors import (
     MissingSampleError,
     SampleTooLargeError,
 )
+from .builder import cached_set, sample_cached
 from .fingerprint import compute_parts
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
@@ -484,52 +485,16 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         return self._fp_id
 
     def cached_indices(self) -> set[int]:
-        """Indices whose record was written by this source's fingerprint.
-
-        One cursor pass over the metadata rows (O(n) by nature: it returns n items); where
-        every row is this fingerprint's (the tally says so) only the keys are read.
-        """
-        e = self._handle()
-        fp = self._fp_id
-        if fp is None:
-            return set()
-        from_bytes = int.from_bytes
-        with self._store.begin(e.meta) as txn:
-            cur = txn.cursor()
-            if self._store.count(fp) == txn.stat(e.meta)["entries"]:
-                return {from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
-            want = META_ROW.pack(fp, 0, 0)[:4]
-            return {from_bytes(k, "big") for k, v in cur.iternext(keys=True, values=True)
-                    if v[:4] == want and len(v) >= META_ROW.size}
+        """Indices whose record was written by this source's fingerprint (one cursor
+        pass over the metadata rows: O(n) by nature, it returns n items)."""
+        self._handle()
+        return cached_set(self._store, self._fp_id)
 
     def random_cached(self, k: int, rng: random.Random | None = None) -> list[int]:
-        """``k`` distinct random cached indices (fewer if fewer are cached).
-
-        Probes random indices (one metadata row each) where the cache is at least a
-        twentieth full, so a spot check costs the same at 10^4 and 10^7 samples; lists
-        the cached indices only for a sparse cache.
-        """
-        rng = rng or random.Random()
-        e = self._handle()
-        fp, n = self._fp_id, len(self)
-        count = 0 if fp is None else self._store.count(fp)
-        want = min(k, count)
-        if want <= 0:
-            return []
-        if count * 20 >= n:
-            chosen: dict[int, None] = {}
-            tag = META_ROW.pack(fp, 0, 0)[:4]
-            with self._store.begin(e.meta) as txn:
-                for _ in range(100 * want + 100):
-                    i = rng.randrange(n)
-                    if i not in chosen:
-                        row = txn.get(KEY.pack(i))
-                        if row is not None and row[:4] == tag and len(row) >= META_ROW.size:
-                            chosen[i] = None
-                            if len(chosen) == want:
-                                return list(chosen)
-        have = sorted(self.cached_indices())
-        return rng.sample(have, min(k, len(have)))
+        """``k`` distinct random cached indices (fewer if fewer are cached), found by
+        probing random rows: a spot check costs the same at 10^4 and 10^7 samples."""
+        self._handle()
+        return sample_cached(self._store, self._fp_id, len(self), k, rng or random.Random())
 
     def close(self) -> None:
         """Flush buffered writes and release this process's environment (idempotent)."""

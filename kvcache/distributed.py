@@ -130,13 +130,18 @@ class Exchange:
         """One round: send our rows to rank 0 (which writes them); return how many items
         are left on all ranks. Raises BuildError on every rank when one failed."""
         got: list | None = [None] * self.world if self.rank == 0 else None
+        write_error: BaseException | None = None
         try:
             dist.gather_object((self.rows, self.count, failed), got, dst=0)
-            if got is not None and self.writer is not None:
-                for rows, count, _f in got:
-                    self.writer.add(rows, count)
             self.rows, self.count = [], 0
-            state = torch.tensor([self.share - self.done, int(failed is not None)], dtype=torch.int64)
+            if got is not None and self.writer is not None:
+                try:  # a failed commit (disk full...) still finishes the round with the others
+                    for rows, count, _f in got:
+                        self.writer.add(rows, count)
+                except Exception as exc:  # noqa: BLE001 - raised below, after the round
+                    write_error = exc
+            bad = failed is not None or write_error is not None
+            state = torch.tensor([self.share - self.done, int(bad)], dtype=torch.int64)
             dist.all_reduce(state)
         except RuntimeError as exc:  # a rank died: gloo's connection closed
             self.broken = True
@@ -144,6 +149,9 @@ class Exchange:
                              "every committed batch is kept: run the build again to finish") from None
         self.last = time.monotonic()
         self.left = int(state[0])
+        if write_error is not None:
+            self.broken = True
+            raise write_error
         if int(state[1]):
             self.broken = True
             why = "; ".join(f"rank {r}: {g[2]}" for r, g in enumerate(got or []) if g[2])
@@ -205,7 +213,7 @@ def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress
         bar.start(h["todo"])
     writer = Sink(ds.store, h["fp_id"], bar) if rank == 0 else None
     ex = Exchange(writer, path, h["fp_id"], len(share))
-    interrupted = False
+    interrupted = ok = False
     try:
         try:
             done = fill(source, ex, share, workers=num_workers, max_bytes=h["max_bytes"],
@@ -221,8 +229,13 @@ def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress
             interrupted = True
         else:
             ex.finish()
+        ok = True
     finally:
-        ex.keep_local()
+        try:
+            ex.keep_local()
+        except KvCacheError:
+            if ok:  # else the error on its way out says more
+                raise
         if bar is not None:
             bar.finish()
     if interrupted:

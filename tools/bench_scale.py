@@ -34,7 +34,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import lmdb
 import numpy as np
 import torch
 
