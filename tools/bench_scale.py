@@ -2,7 +2,7 @@
 
     python tools/bench_scale.py [--sizes 10000,100000,1000000] [--big] [--root DIR]
                                 [--reads 100000] [--json bench_out/scale.json]
-                                [--plot docs/img/scale.png] [--keep]
+                                [--plot docs/img/scale.png] [--keep] [--from-json FILE]
 
 At each size, on one cache built by ``LmdbCachedDataset.build()``:
 
@@ -201,7 +201,7 @@ def plot(rows: list[dict], out: str) -> None:
     a.set_title("read cost")
     for key, label in [("open_source_ms", "open (with source)"), ("open_none_ms", "open (no source)"),
                        ("inspect_ms", "kvcache inspect"), ("spot_check_10_ms", "spot check of 10"),
-                       ("cached_indices_s", "cached_indices() (x1000)")]:
+                       ("cached_indices_s", "cached_indices() (returns n items)")]:
         scale = 1000 if key.endswith("_s") else 1
         b.plot(ns, [r[key] * scale for r in rows], "o-", label=label)
     b.set_xscale("log")
@@ -224,7 +224,12 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write a PNG here (needs matplotlib: the bench extra)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
+    ap.add_argument("--from-json", help="only redraw --plot from an earlier --json")
     a = ap.parse_args()
+    if a.from_json:
+        with open(a.from_json) as f:
+            plot(json.load(f)["rows"], a.plot)
+        return
     sizes = [int(float(x)) for x in a.sizes.split(",") if x] + ([10_000_000] if a.big else [])
     root = a.root or tempfile.mkdtemp(prefix="kvcache-scale-")
     os.makedirs(root, exist_ok=True)
