@@ -112,6 +112,7 @@ def test_a_source_error_propagates_and_keeps_what_arrived(tmp_path):
         assert 0 < len(ds.cached_indices()) < N
 
 
+@pytest.mark.slow  # a real CLI process (test_cli covers --workers in-process)
 def test_cli_build_workers_matches_library(tmp_path, serial):
     path = str(tmp_path / "c")
     spec = tmp_path / "spec.py"
