@@ -82,6 +82,16 @@ class Record:
     damaged: bool = False
 
 
+def _flip_byte(path: str, i: int) -> None:
+    """Flip one byte near the end of index ``i``'s record value, in data.mdb itself."""
+    place = record_place(path, i)
+    off = place["data_off"] + place["dsize"] - 3
+    with open(os.path.join(path, "data.mdb"), "rb") as f:
+        f.seek(off)
+        byte = f.read(1)[0]
+    patch(path, off, bytes([byte ^ 0x5A]))
+
+
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -340,25 +350,30 @@ class CacheMachine(RuleBasedStateMachine):
                     del self.records[i]
             self._open(None if self.readonly else self.salt)
 
-    @rule(subset=st.sets(st.integers(0, N - 1), max_size=N), same_source=st.booleans())
-    def merge_other(self, subset: set[int], same_source: bool) -> None:
-        """Build a second cache of some indices and merge it into ours, live."""
+    @rule(subset=st.sets(st.integers(0, N - 1), max_size=N), same_source=st.booleans(), data=st.data())
+    def merge_other(self, subset: set[int], same_source: bool, data) -> None:
+        """Build a second cache of some indices (one of them maybe damaged) and merge it
+        into ours, live."""
         self.others += 1
         other = os.path.join(self.tmp, f"other{self.others}")
         salt = self.salt if same_source else (self.salt + 1) % len(SALTS)
+        bad = data.draw(st.sampled_from([None, *sorted(subset)]), label="damaged in the other cache")
         with self._step():
             with LmdbCachedDataset(ImageSource(N, salt), other, version=salt) as ds2:
                 ds2.__getitems__(sorted(subset))
+            if bad is not None:
+                _flip_byte(other, bad)
             if not same_source:
                 with pytest.raises(StaleCacheError):
                     merge(self.path, [other])
                 return
-            copied = [i for i in subset if not self._good(i)]
+            good = subset - {bad}
+            copied = [i for i in good if not self._good(i)]
             for i in copied:
                 self.records[i] = Record(self.salt)
             report = merge(self.path, [other])
-            assert report.ok
-            assert (report.copied, report.already_present) == (len(copied), len(subset) - len(copied))
+            assert report.ok == (bad is None) and report.bad[other] == ([] if bad is None else [bad])
+            assert (report.copied, report.already_present) == (len(copied), len(good) - len(copied))
             assert report.entries == sum(r.salt == self.salt for r in self.records.values())
 
     def _damageable(self) -> list[int]:
@@ -370,12 +385,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Flip one byte near the end of a committed record's value, in data.mdb itself
         (the dataset keeps its environment open, as a training job would)."""
         i = data.draw(st.sampled_from(self._damageable()), label="damaged index")
-        place = record_place(self.path, i)
-        off = place["data_off"] + place["dsize"] - 3
-        with open(os.path.join(self.path, "data.mdb"), "rb") as f:
-            f.seek(off)
-            byte = f.read(1)[0]
-        patch(self.path, off, bytes([byte ^ 0x5A]))
+        _flip_byte(self.path, i)
         self.records[i].damaged = True
 
     @rule(data=st.data(), workers=st.sampled_from([1, 2]), batch_size=st.sampled_from([1, 4]))
