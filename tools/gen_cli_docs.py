@@ -89,9 +89,15 @@ def main() -> None:
             dataset. Workers compute and encode samples; one writer (the command itself)
             commits them in batches, so Ctrl-C (exit 130) keeps every written batch and a
             second run resumes. A progress bar with items/s and ETA is drawn on a terminal.
-            The demo source costs about 1 ms of CPU per item:""")
+            `--distributed` shares the work among the ranks of a `torchrun` job
+            (`docs/scale.md`). The demo source costs about 1 ms per item:""")
+        load = os.getloadavg()[0]
         run("build", SPEC, "cache", "--workers", "1")
         run("build", SPEC, "cache2", "--workers", "2")
+        load = max(load, os.getloadavg()[0])
+        sections.append(f"(Generated on {os.cpu_count()} CPUs with a load average of {load:.1f}: "
+                        "2 workers gain only as far as a core is free; `tools/bench_build.py` "
+                        "measures the ratios.)")
         run("build", SPEC, "cache", note="Run again, it has nothing left to do:")
         h("inspect", """
             `kvcache inspect PATH [--json]` reads the info rows only: counts, sizes and layouts
