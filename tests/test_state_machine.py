@@ -122,6 +122,7 @@ class CacheMachine(RuleBasedStateMachine):
                                lru_bytes=self.lru_bytes)
         # The writer also flushes a batch once its oldest row is 2 s old: a wall-clock
         # trigger the model cannot predict. Count-triggered flushes stay (write_batch).
+        assert hasattr(ds._writer, "batch_seconds"), "the writer's time trigger moved: update this"
         ds._writer.batch_seconds = math.inf
         self.ds = ds
         self.readonly = salt is None
