@@ -77,6 +77,13 @@ def test_a_killed_rank_leaves_a_consistent_cache_and_a_rerun_completes(tmp_path,
     assert records(path) == serial
 
 
+@pytest.mark.slow  # 2 ranks with 2 forked workers each
+def test_ranks_with_workers_equal_a_single_process_build(tmp_path, serial):
+    path, reps = run_ranks(tmp_path, 2, DiesOnRank(N), num_workers=2)
+    assert all(r["in_step"] and r["computed"] == N for r in reps)
+    assert records(path) == serial
+
+
 def test_without_a_process_group_it_says_how(tmp_path):
     with LmdbCachedDataset(ImageSource(10), str(tmp_path / "c")) as ds:
         with pytest.raises(BuildError, match="init_process_group"):
