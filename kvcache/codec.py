@@ -38,17 +38,26 @@ __all__ = [
     "CODEC_VERSION",
     "HEADER_SIZE",
     "LeafInfo",
+    "META_ROW",
     "StaleRecord",
     "checksum_ok",
     "decode",
     "describe_layout",
     "encode",
+    "meta_row",
     "read_header",
     "record_layout",
 ]
 
 HEADER = struct.Struct("<4sIQII")
 HEADER_SIZE = HEADER.size  # 24
+# The metadata row stored beside each record: fp_id, checksum, record bytes; the layout follows.
+META_ROW = struct.Struct("<IQQ")
+
+
+def meta_row(fp_id: int, checksum: int, nbytes: int, layout: bytes) -> bytes:
+    """The metadata row of a record (written in the same transaction as the record)."""
+    return META_ROW.pack(fp_id, checksum, nbytes) + layout
 
 _checksum = xxhash.xxh3_64_intdigest
 

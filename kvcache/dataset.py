@@ -418,7 +418,15 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
     # -- the rest of the public API
 
     def stats(self) -> CacheStats:
-        """This process's counts (a copy)."""
+        """This process's counts (a copy).
+
+        Computed samples are written back in batches, so ``writes`` and ``write_errors``
+        change when a batch is written (``write_batch`` records, 64 MiB, 2 s old, or at the
+        latest on ``flush()`` / ``close()``), not when the sample is returned: call
+        ``flush()`` first for exact numbers. A batch that does not fit (map at
+        ``max_map_size``, disk full) commits the parts that fit; ``write_errors`` counts
+        exactly the records that were not written.
+        """
         return CacheStats(**self._stats.as_dict())
 
     def flush(self) -> int:

@@ -16,7 +16,9 @@ class CacheStats:
     lru_hits: int = 0  # served from the in-process LRU
     writes: int = 0  # records committed by this process
     corrupt: int = 0  # records that failed their checksum (recomputed or raised)
-    write_errors: int = 0  # records that could not be written (disk full, read-only, ...)
+    # records that could not be written (disk full, map at max_map_size, read-only, ...),
+    # counted when their batch is written: at the latest on flush() / close()
+    write_errors: int = 0
     stale: int = 0  # records of another fingerprint, recomputed
     too_large: int = 0  # samples over max_sample_bytes, served uncached
 

@@ -62,7 +62,7 @@ __all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "META_ROW", "Rows", "Store", "i
            "translate"]
 
 KEY = struct.Struct(">Q")
-META_ROW = struct.Struct("<IQQ")  # fp_id, checksum, record bytes; the layout follows
+META_ROW = codec.META_ROW  # fp_id, checksum, record bytes; the layout follows (codec owns it)
 DEFAULT_MAX_MAP_SIZE = 1 << 40
 key_of = KEY.pack
 

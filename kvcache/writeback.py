@@ -5,14 +5,22 @@ its oldest record is ``batch_seconds`` old, on ``close()``, and when the process
 including a DataLoader worker's exit (a worker ends through multiprocessing, which runs
 ``multiprocessing.util.Finalize`` callbacks but not ``atexit``).
 
+A batch that does not fit (the map at ``max_map_size``, a full disk, the file size
+limit) is split in halves and each half tried again, down to single records, so a full
+cache keeps as much of the batch as a writer committing one record at a time would, at
+the cost of about two failed attempts per halving level. The first record that does not
+fit on its own ends the batch.
+
 Write failures degrade instead of crashing training: the first failure of each kind is
-warned once, the rows are dropped (the samples were already returned from the source),
-``write_errors`` counts them, and writing is retried after a back-off (disk full, I/O)
-or stopped for good (read-only location, map at ``max_map_size``).
+warned once, the rows that were not committed are dropped (the samples were already
+returned from the source), ``write_errors`` counts exactly those, and writing is retried
+after a back-off (disk full, I/O) or stopped for good (read-only location, map at
+``max_map_size``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import warnings
@@ -23,9 +31,42 @@ from typing import Any
 from .errors import CacheFullError, CacheReadOnlyError, CacheWriteError, KvCacheError, KvCacheWarning
 from .store import Store
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "write_what_fits"]
 
 RETRY_AFTER = 5.0  # seconds before retrying write-back after a disk-full / I/O failure
+# errno values of a write that failed for lack of room (LMDB reports a full disk as EIO)
+_NO_ROOM = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_room(exc: KvCacheError) -> bool:
+    """Whether ``exc`` says the batch did not fit (so a smaller part might)."""
+    if isinstance(exc, CacheReadOnlyError):
+        return False
+    return isinstance(exc, CacheFullError) or (isinstance(exc, CacheWriteError) and exc.errno in _NO_ROOM)
+
+
+def write_what_fits(store: Store, rows: list[tuple[int, bytes, bytes]],
+                    fp_id: int) -> tuple[int, int, KvCacheError | None]:
+    """Commit ``rows``; a batch that does not fit is halved and each part tried again.
+
+    Returns ``(written, dropped, error)``: the records committed (a key that already holds
+    a valid record of ``fp_id`` is kept and counts as neither), the rows not committed,
+    and the error that stopped the rest (None when every row was written). Rows are
+    committed in order; the first part of one row that does not fit ends the batch.
+    """
+    written = 0
+    todo = [rows]  # a stack of parts, the next part to write on top
+    while todo:
+        part = todo.pop()
+        try:
+            written += store.write_records(part, fp_id)
+        except KvCacheError as exc:
+            if len(part) > 1 and _no_room(exc):
+                mid = len(part) // 2
+                todo += (part[mid:], part[:mid])
+                continue
+            return written, len(part) + sum(map(len, todo)), exc
+    return written, 0, None
 
 
 class Writer:
@@ -87,18 +128,12 @@ class Writer:
             # dropped: write-back is off, or backing off after a disk-full / I/O failure
             self.stats.write_errors += len(rows)
             return 0
-        try:
-            n = self.store.write_records(((i, r, m) for i, (r, m) in rows.items()), self.fp_id)
-        except (CacheReadOnlyError, CacheFullError) as exc:
-            self._fail(exc, len(rows), permanent=True)
-            return 0
-        except CacheWriteError as exc:
-            self._fail(exc, len(rows), permanent=False)
-            return 0
-        except KvCacheError as exc:  # e.g. CacheCorruptError met while writing: degrade
-            self._fail(exc, len(rows), permanent=False)
-            return 0
+        n, dropped, exc = write_what_fits(self.store, [(i, r, m) for i, (r, m) in rows.items()], self.fp_id)
         self.stats.writes += n
+        if exc is not None:
+            # read-only or the map at its cap: off for good; disk full, I/O, or e.g. a
+            # CacheCorruptError met while writing: back off, then try again
+            self._fail(exc, dropped, permanent=isinstance(exc, (CacheReadOnlyError, CacheFullError)))
         return n
 
     def _fail(self, exc: KvCacheError, n: int, permanent: bool) -> None:
@@ -129,11 +164,9 @@ class Writer:
         if state.get("disabled") or fp_id is None or time.monotonic() < state.get("retry_at", 0.0):
             state["stats"].write_errors += len(rows)
             return
-        try:
-            n = store.write_records(((i, r, m) for i, (r, m) in rows.items()), fp_id)
-            state["stats"].writes += n
-        except KvCacheError:
-            state["stats"].write_errors += len(rows)
+        n, dropped, _exc = write_what_fits(store, [(i, r, m) for i, (r, m) in rows.items()], fp_id)
+        state["stats"].writes += n
+        state["stats"].write_errors += dropped
 
 
 # Writers holding rows in this process. Before a fork they are flushed, so a forked
