@@ -38,7 +38,7 @@ from .errors import (
 )
 from .progress import Progress, progress_for
 from .stats import BuildReport
-from .store import KEY, META_ROW, Store
+from .store import KEY, Store
 
 __all__ = ["BATCH_ITEMS", "Filled", "Sink", "build", "cached_set", "encode_rows", "fill", "missing",
            "sample_cached", "start_method", "warn_too_large"]
@@ -70,13 +70,13 @@ def encode_rows(source: Any, indices: Sequence[int], fp_id: int,
     for i in indices:
         i = int(i)
         try:
-            record, layout, checksum = codec.encode(source[i], fp_id)
+            record, meta = codec.encode_with_meta(source[i], fp_id, i)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > max_bytes:
             big.append(i)
             continue
-        rows.append((i, record, META_ROW.pack(fp_id, checksum, len(record)) + layout))
+        rows.append((i, record, meta))
     return rows, big
 
 
@@ -98,13 +98,13 @@ def missing(store: Store, fp_id: int | None, n: int) -> np.ndarray:
             if cur.last() and int.from_bytes(cur.key(), "big") < n:
                 return np.empty(0, dtype=np.int64)
     if fp_id is not None and n:
-        want = META_ROW.pack(fp_id, 0, 0)[:4]
+        want = codec.META_ROW.pack(fp_id, 0, 0)[:4]
         e = store.handle()
         with store.begin(e.meta) as txn:
             cur = txn.cursor()
             from_bytes = int.from_bytes
             for k, v in cur.iternext(keys=True, values=True):
-                if v[:4] == want and len(v) >= META_ROW.size:
+                if v[:4] == want and len(v) >= codec.META_ROW.size:
                     i = from_bytes(k, "big")
                     if i < n:
                         have[i] = True
@@ -122,9 +122,9 @@ def cached_set(store: Store, fp_id: int | None) -> set[int]:
         cur = txn.cursor()
         if store.count(fp_id) == txn.stat(e.meta)["entries"]:
             return {from_bytes(k, "big") for k in cur.iternext(keys=True, values=False)}
-        want = META_ROW.pack(fp_id, 0, 0)[:4]
+        want = codec.META_ROW.pack(fp_id, 0, 0)[:4]
         return {from_bytes(k, "big") for k, v in cur.iternext(keys=True, values=True)
-                if v[:4] == want and len(v) >= META_ROW.size}
+                if v[:4] == want and len(v) >= codec.META_ROW.size}
 
 
 def sample_cached(store: Store, fp_id: int | None, n: int, k: int, rng: random.Random) -> list[int]:
@@ -137,14 +137,14 @@ def sample_cached(store: Store, fp_id: int | None, n: int, k: int, rng: random.R
         return []
     if count * 20 >= n:
         chosen: dict[int, None] = {}
-        tag = META_ROW.pack(fp_id, 0, 0)[:4]
+        tag = codec.META_ROW.pack(fp_id, 0, 0)[:4]
         e = store.handle()
         with store.begin(e.meta) as txn:
             for _ in range(100 * want + 100):
                 i = rng.randrange(n)
                 if i not in chosen:
                     row = txn.get(KEY.pack(i))
-                    if row is not None and row[:4] == tag and len(row) >= META_ROW.size:
+                    if row is not None and row[:4] == tag and len(row) >= codec.META_ROW.size:
                         chosen[i] = None
                         if len(chosen) == want:
                             return list(chosen)

@@ -7,19 +7,31 @@ Python ``int`` / ``float`` / ``bool`` / ``None`` / ``str`` / ``bytes``.
 Record layout (all integers little-endian)::
 
     offset 0   magic   b"KVC" + codec version byte
-           4   flags   u32, reserved (0)
-           8   checksum xxh3_64 of record[16:]
+           4   flags   u32: 0, or KEYED (1): the checksum is seeded with the record's index
+           8   checksum xxh3_64 of record[16:] (seeded with the index when KEYED)
           16   fp_id   u32, the fingerprint id of the source that wrote the record
           20   layout_len u32
           24   layout  (the sample's structure, leaf types, dtypes and shapes)
                payload (the leaves' values in depth-first order; every array leaf is a
                         complete .npy blob, so ``np.load`` can read it on its own)
 
+Beside each record, in the ``meta`` database under the same key, is its metadata row:
+``META_ROW`` (fp_id u32, checksum u64, record bytes u64) followed by the layout. This
+module is the only one that knows either format: other modules build rows with
+:func:`meta_row` / :func:`encode_with_meta` and read them with :func:`meta_fields`.
+
+A KEYED record cannot be served under another key: a page of one record copied over
+another's (a misdirected write) fails the checksum instead of returning the wrong
+sample. Records written without an index (flags 0, kvcache before 0.2) stay readable.
+
 The layout holds no values, so every sample with the same structure and shapes shares
 one layout; a decoded layout is compiled once into a plan (a tree of closures) and
 cached by its bytes. Decoding is bounds-checked: arbitrary bytes raise
 :class:`~kvcache.errors.CorruptRecordError` and never allocate more than the record's
-own size.
+own size. The plan checks the record's length against its header and layout before
+any byte of the payload is read or hashed: a damaged LMDB node size (a value that
+claims to run past its page, or past the end of the file) is refused without touching
+the bytes past the record's real end, which could kill the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -29,14 +41,16 @@ from typing import Any
 
 import xxhash
 
-from .encoder import CODEC_VERSION, MAGIC, encode
+from .encoder import CODEC_VERSION, KEYED, MAGIC, encode
 from .errors import CorruptRecordError
 from .layout import LayoutError, LeafInfo, describe
-from .plans import _PLANS, plan_for
+from .plans import PLANS, plan_for
 
 __all__ = [
     "CODEC_VERSION",
+    "HEADER",
     "HEADER_SIZE",
+    "KEYED",
     "LeafInfo",
     "META_ROW",
     "StaleRecord",
@@ -44,22 +58,73 @@ __all__ = [
     "decode",
     "describe_layout",
     "encode",
+    "encode_with_meta",
+    "meta_fields",
+    "meta_fp",
+    "meta_layout",
     "meta_row",
+    "meta_row_of",
     "read_header",
     "record_layout",
+    "with_fp",
 ]
 
 HEADER = struct.Struct("<4sIQII")
 HEADER_SIZE = HEADER.size  # 24
 # The metadata row stored beside each record: fp_id, checksum, record bytes; the layout follows.
 META_ROW = struct.Struct("<IQQ")
+_meta_unpack = META_ROW.unpack_from
+_META_SIZE = META_ROW.size
+
+_checksum = xxhash.xxh3_64_intdigest
+_unpack_head = struct.Struct("<QQII").unpack_from  # magic and flags read as one integer
+_HEAD = int.from_bytes(MAGIC + bytes(4), "little")
+_HEAD_KEYED = int.from_bytes(MAGIC + KEYED.to_bytes(4, "little"), "little")
+_plans = PLANS
+
+
+# --------------------------------------------------------------------------- metadata rows
 
 
 def meta_row(fp_id: int, checksum: int, nbytes: int, layout: bytes) -> bytes:
     """The metadata row of a record (written in the same transaction as the record)."""
     return META_ROW.pack(fp_id, checksum, nbytes) + layout
 
-_checksum = xxhash.xxh3_64_intdigest
+
+def meta_row_of(record: Any) -> bytes:
+    """The metadata row that belongs with ``record`` (from its own header and layout).
+
+    Raises:
+        CorruptRecordError: the record's header or layout is malformed.
+    """
+    fp_id, checksum, _ = read_header(record)
+    return meta_row(fp_id, checksum, len(record), record_layout(record))
+
+
+def meta_fields(row: Any) -> tuple[int, int, int] | None:
+    """``(fp_id, checksum, record bytes)`` of a metadata row; None when it is too short."""
+    return _meta_unpack(row, 0) if len(row) >= _META_SIZE else None
+
+
+def meta_fp(row: Any) -> int | None:
+    """The fingerprint id of a metadata row (None when the row is too short): the one
+    test of "written by the current fingerprint" every scan of the meta database uses."""
+    return _meta_unpack(row, 0)[0] if len(row) >= _META_SIZE else None
+
+
+def meta_layout(row: Any) -> bytes:
+    """The layout bytes kept in a metadata row."""
+    return bytes(row[_META_SIZE:])
+
+
+def encode_with_meta(sample: Any, fp_id: int, index: int) -> tuple[bytes, bytes]:
+    """``(record, metadata row)`` of ``sample`` stored at ``index`` (a KEYED record).
+
+    Raises:
+        UnsupportedSampleError: as :func:`encode`.
+    """
+    record, layout, checksum = encode(sample, fp_id, index)
+    return record, meta_row(fp_id, checksum, len(record), layout)
 
 
 # --------------------------------------------------------------------------- decode
@@ -73,9 +138,9 @@ def read_header(buf: Any) -> tuple[int, int, int]:
     """
     if len(buf) < HEADER_SIZE:
         raise CorruptRecordError(f"record of {len(buf)} bytes is shorter than its header")
-    magic, _flags, checksum, fp_id, layout_len = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or _flags:
-        raise CorruptRecordError(f"bad record magic {bytes(magic)!r} or flags {_flags:#x}")
+    magic, flags, checksum, fp_id, layout_len = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or flags not in (0, KEYED):
+        raise CorruptRecordError(f"bad record magic {bytes(magic)!r} or flags {flags:#x}")
     return fp_id, checksum, layout_len
 
 
@@ -87,9 +152,24 @@ def record_layout(buf: Any) -> bytes:
     return bytes(buf[HEADER_SIZE : HEADER_SIZE + layout_len])
 
 
-def checksum_ok(buf: Any) -> bool:
-    """Whether the record's bytes still hash to the checksum in its header."""
-    return len(buf) >= HEADER_SIZE and _checksum(buf[16:]) == HEADER.unpack_from(buf, 0)[2]
+def checksum_ok(buf: Any, index: int | None = None) -> bool:
+    """Whether the record is intact: its length matches its header and layout (checked
+    first, see the module docstring) and its bytes hash to its checksum. A KEYED record
+    needs the ``index`` it is stored at."""
+    try:
+        decode(buf, True, None, index)
+    except CorruptRecordError:
+        return False
+    return True
+
+
+def with_fp(record: Any, fp_id: int, index: int) -> bytes:
+    """``record`` with another fingerprint id in its header and its checksum redone (a
+    record of flags 0 becomes KEYED at ``index``). The caller checked the record first."""
+    buf = bytearray(record)
+    HEADER.pack_into(buf, 0, MAGIC, KEYED, 0, fp_id, HEADER.unpack_from(buf, 0)[4])
+    struct.pack_into("<Q", buf, 8, _checksum(memoryview(buf)[16:], index))
+    return bytes(buf)
 
 
 _DECODE_ERRORS = (
@@ -98,37 +178,39 @@ _DECODE_ERRORS = (
 )
 
 
-_unpack_header = HEADER.unpack_from
-_unpack_head = struct.Struct("<QQII").unpack_from  # magic and flags read as one integer
-_HEAD = int.from_bytes(MAGIC + bytes(4), "little")
-_plans = _PLANS
-
-
 class StaleRecord(Exception):
     """The record was written by another fingerprint than the one asked for."""
 
 
-def decode(buf: Any, verify: bool = True, fp_id: int | None = None) -> Any:
+def decode(buf: Any, verify: bool = True, fp_id: int | None = None, index: int | None = None) -> Any:
     """Decode a record (bytes or a memoryview) into a fresh sample that owns its memory.
 
-    With ``verify`` the checksum is checked first; with ``fp_id`` a record written by
-    another fingerprint raises :class:`StaleRecord` instead of being decoded.
+    With ``verify`` the checksum is checked (after the plan has checked the record's
+    length, so a damaged size never makes it hash past the record); a KEYED record is
+    checked against ``index``, the key it was read from, and fails under any other.
+    With ``fp_id`` a record written by another fingerprint raises :class:`StaleRecord`
+    instead of being decoded.
 
     Raises:
-        CorruptRecordError: checksum mismatch or malformed bytes.
+        CorruptRecordError: checksum mismatch, malformed bytes, or a KEYED record
+            verified without its index.
         StaleRecord: the record's fingerprint id is not ``fp_id``.
     """
     # The hot path of every cached read: keep it to a handful of C calls. The plan is
     # found by the layout's bytes (a dict lookup) and checks the record's length itself.
     try:
         head, checksum, fp, layout_len = _unpack_head(buf, 0)
-        if head != _HEAD:  # magic, and the flags: reserved (0) and not checksummed
+        if head == _HEAD_KEYED:
+            seed = index
+        elif head == _HEAD:  # magic, and the flags (not checksummed)
+            seed = 0
+        else:
             raise LayoutError("bad record magic or flags")
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
-        if verify and _checksum(buf[16:]) != checksum:
-            raise CorruptRecordError("checksum mismatch")
         body = 24 + layout_len
+        if body > len(buf):
+            raise LayoutError("layout runs past the record")
         lay = buf[24:body]
         try:
             # A read-only memoryview (what LMDB hands out) hashes and compares as its
@@ -136,7 +218,13 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None) -> Any:
             plan = _plans[lay]
         except (KeyError, TypeError, ValueError):  # a new layout, or an unhashable buffer
             plan = plan_for(bytes(lay))
-        return plan(buf, body)
+        value = plan(buf, body)  # checks len(buf) against the layout before reading
+        if verify:
+            if seed is None:
+                raise CorruptRecordError("a keyed record cannot be verified without its index")
+            if _checksum(buf[16:], seed) != checksum:
+                raise CorruptRecordError("checksum mismatch")
+        return value
     except (CorruptRecordError, StaleRecord):
         raise
     except _DECODE_ERRORS as exc:

@@ -30,17 +30,16 @@ from .builder import cached_set, sample_cached
 from .fingerprint import compute_parts
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
-from .store import KEY, META_ROW, Store, translate
+from .store import KEY, Store, translate
 from .writeback import Writer
 
 __all__ = ["BuildReport", "CacheStats", "LmdbCachedDataset"]
 
 _ON_STALE = ("recompute", "reset", "error")
 _STALE = object()  # a record written by another fingerprint: treat as a miss
-_SLOW = object()  # __getitems__'s inline decode met something unusual: take _lookup
 _key = KEY.pack
 _decode = codec.decode
-_unpack_head, _HEAD, _checksum, _PLANS = codec._unpack_head, codec._HEAD, codec._checksum, codec._plans
+_meta_fp = codec.meta_fp
 
 
 class LmdbCachedDataset(torch.utils.data.Dataset):
@@ -257,7 +256,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         try:
             try:
                 buf = txn.get(_key(i))
-                value = _STALE if buf is None else _decode(buf, self.verify, self._fp_read)
+                value = _STALE if buf is None else _decode(buf, self.verify, self._fp_read, i)
             except lmdb.Error as exc:  # a damaged tree: the txn is dead, don't read it again
                 value = self._damaged(i, translate(exc, self.path))
             except (codec.StaleRecord, CorruptRecordError):
@@ -284,8 +283,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         out: list[Any] = []
         todo: list[int] = []
         lru = self._lru
-        verify, fp, get_rec = self.verify, self._fp_read, None
-        head_ok, plans, head, xxh = _HEAD, _PLANS, _unpack_head, _checksum
+        verify, fp = self.verify, self._fp_read
         hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
@@ -300,32 +298,21 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                         self._stats.lru_hits += 1
                         out.append(_decode(rec, False))
                         continue
+                # ds[i]'s steps, in one transaction: codec.decode is the one place that
+                # knows the record format; anything unusual goes to _lookup, which decodes
+                # again and counts, warns or raises as it should.
                 try:
                     buf = get_rec(_key(i))
+                    v = _STALE if buf is None else _decode(buf, verify, fp, i)
                 except lmdb.Error as exc:  # a damaged tree: this txn is dead, start another
                     v = self._damaged(i, translate(exc, self.path))
                     txn.abort()
                     txn = self._store.begin()
                     get_rec = txn.get
+                except (codec.StaleRecord, CorruptRecordError):
+                    v = self._lookup(txn, i)
                 else:
-                    # codec.decode inlined, step for step (its checks, in its order): any
-                    # anomaly (short, bad magic, stale, checksum, new layout, a plan that
-                    # refuses) goes to _lookup, which decodes again and counts, warns or
-                    # raises as it should.
-                    v = _SLOW
-                    if buf is None:
-                        v = _STALE
-                    elif len(buf) >= 24:
-                        h, cs, f, ll = head(buf, 0)
-                        if h == head_ok and f == fp and (not verify or xxh(buf[16:]) == cs):
-                            body = 24 + ll
-                            try:
-                                v = plans[buf[24:body]](buf, body)
-                            except Exception:  # noqa: BLE001 - _lookup sorts it out
-                                v = _SLOW
-                    if v is _SLOW:
-                        v = self._lookup(txn, i)
-                    elif v is not _STALE:
+                    if v is not _STALE:
                         hits += 1
                         if lru is not None and len(buf) <= lru.max_item:
                             lru.put(i, bytes(buf))
@@ -353,7 +340,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
         if buf is None:
             return _STALE
         try:
-            value = _decode(buf, self.verify, self._fp_read)
+            value = _decode(buf, self.verify, self._fp_read, i)
         except codec.StaleRecord:
             self._stats.stale += 1
             return _STALE
@@ -398,7 +385,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                 self._warn_once("unstored", f"kvcache: {self._unstored}")
             return sample
         try:
-            record, layout, checksum = codec.encode(sample, self._fp_id)
+            record, meta = codec.encode_with_meta(sample, self._fp_id, i)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > self.max_sample_bytes:
@@ -407,7 +394,7 @@ class LmdbCachedDataset(torch.utils.data.Dataset):
                 f"kvcache: sample {i} encodes to {len(record)} bytes, over max_sample_bytes="
                 f"{self.max_sample_bytes}; such samples are served uncached")))
             return sample
-        w.add(i, record, META_ROW.pack(self._fp_id, checksum, len(record)) + layout)
+        w.add(i, record, meta)
         return sample
 
     def _warn_once(self, key: str, message: str) -> None:

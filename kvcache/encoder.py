@@ -20,10 +20,11 @@ import xxhash
 from .errors import UnsupportedSampleError
 from .layout import F64, I64, MAX_DEPTH, MAX_NDIM, TORCH_NATIVE, U8, U16, U32, U64
 
-__all__ = ["CODEC_VERSION", "MAGIC", "encode"]
+__all__ = ["CODEC_VERSION", "KEYED", "MAGIC", "encode"]
 
 CODEC_VERSION = 1
 MAGIC = b"KVC" + bytes([CODEC_VERSION])
+KEYED = 1  # header flags: the checksum is seeded with the record's index (key)
 
 _U8, _U16, _U32, _U64, _I64, _F64 = U8, U16, U32, U64, I64, F64
 _checksum = xxhash.xxh3_64_intdigest
@@ -311,8 +312,9 @@ def _fast(x: Any, lay: list, parts: list, depth: int) -> int:
     return n
 
 
-def encode(sample: Any, fp_id: int) -> tuple[bytes, bytes, int]:
-    """Encode ``sample`` into a record.
+def encode(sample: Any, fp_id: int, index: int | None = None) -> tuple[bytes, bytes, int]:
+    """Encode ``sample`` into a record; with ``index`` (the key it will be stored at) a
+    KEYED record, whose checksum is seeded with the index (see :mod:`kvcache.codec`).
 
     Returns ``(record, layout, checksum)``: the record (``bytes``, or a ``bytearray``
     for records over 64 KiB, which avoids a second copy of the payload), the layout
@@ -333,14 +335,15 @@ def encode(sample: Any, fp_id: int) -> tuple[bytes, bytes, int]:
         size = sum(memoryview(p).nbytes for p in parts)
     layout = b"".join(lay)
     tail = _TAIL.pack(fp_id, len(layout))
+    flags, seed = (0, 0) if index is None else (KEYED, index)
     if size < _LARGE:
         body = b"".join([tail, layout, *parts])
-        checksum = _checksum(body)
-        return b"".join([_PREFIX.pack(MAGIC, 0, checksum), body]), layout, checksum
+        checksum = _checksum(body, seed)
+        return b"".join([_PREFIX.pack(MAGIC, flags, checksum), body]), layout, checksum
     # One copy of a large payload: join into a bytearray, hash it in place.
-    record = bytearray().join([_PREFIX.pack(MAGIC, 0, 0), tail, layout, *parts])
-    checksum = _checksum(memoryview(record)[16:])
-    _PREFIX.pack_into(record, 0, MAGIC, 0, checksum)
+    record = bytearray().join([_PREFIX.pack(MAGIC, flags, 0), tail, layout, *parts])
+    checksum = _checksum(memoryview(record)[16:], seed)
+    _PREFIX.pack_into(record, 0, MAGIC, flags, checksum)
     return record, layout, checksum
 
 

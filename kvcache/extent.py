@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import CacheCorruptError
 
-__all__ = ["check_extent_in_child", "size_guard_ok"]
+__all__ = ["check_extent_in_child", "size_guard_ok", "used_bytes"]
 
 _WALK = r"""
 import sys, lmdb
@@ -43,10 +43,15 @@ print("ok")
 """
 
 
+def used_bytes(env: Any) -> int:
+    """What an open LMDB environment uses: ``(last_pgno + 1) * page size`` from its meta
+    page (the file may be longer: LMDB reuses an orphaned tail; shared/faults p01)."""
+    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+
+
 def size_guard_ok(env: Any, path: str) -> bool:
     """True when ``data.mdb`` is at least as long as the meta page says it must be."""
-    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    return os.path.getsize(os.path.join(path, "data.mdb")) >= need
+    return os.path.getsize(os.path.join(path, "data.mdb")) >= used_bytes(env)
 
 
 def check_extent_in_child(path: str, timeout: float = 600.0) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import codec
 from .errors import KvCacheError
-from .store import KEY, META_ROW
+from .store import KEY
 
 __all__ = ["SpotCheckReport", "spot_check"]
 
@@ -70,14 +70,14 @@ def spot_check(dataset: Any, n: int, rng: random.Random | None = None, *,
     fresh: dict[int, tuple[bytes, bytes]] = {}
     mismatched: list[int] = []
     for i in chosen:
-        record, layout, checksum = codec.encode(dataset.source[i], fp_id)
+        record, meta = codec.encode_with_meta(dataset.source[i], fp_id, i)
         with store.begin() as txn:
             raw = txn.get(KEY.pack(i))
-            cached = None if raw is None else bytes(raw)
-        if cached is not None and codec.checksum_ok(cached) and cached == record:
+            same = raw is not None and codec.checksum_ok(raw, i) and raw == record
+        if same:
             continue
         mismatched.append(i)
-        fresh[i] = (record, META_ROW.pack(fp_id, checksum, len(record)) + layout)
+        fresh[i] = (record, meta)
     repaired = 0
     if repair and fresh and store.writable:
         try:

@@ -32,7 +32,7 @@ from .layout import (
     parse,
 )
 
-__all__ = ["COMPILE_AFTER", "PLAN_CACHE_MAX", "plan_for"]
+__all__ = ["COMPILE_AFTER", "PLANS", "PLAN_CACHE_MAX", "plan_for"]
 
 
 # --------------------------------------------------------------------------- leaf helpers
@@ -266,7 +266,7 @@ def _leaf_count(node: tuple) -> int:
 
 # --------------------------------------------------------------------------- plan cache
 
-_PLANS: dict[bytes, Callable] = {}
+PLANS: dict[bytes, Callable] = {}  # layout bytes -> plan; codec.decode looks plans up here directly
 PLAN_CACHE_MAX = 4096
 COMPILE_AFTER = 3  # uses of one layout before it is compiled
 COMPILE_MAX_LEAVES = 256  # bigger layouts stay interpreted (compiling them costs more)
@@ -291,15 +291,15 @@ def plan_for(layout: bytes) -> Callable:
     struct/numpy error of an out-of-bounds read) unless the payload fills the record
     exactly.
     """
-    plan = _PLANS.get(layout)
+    plan = PLANS.get(layout)
     if plan is not None:
         return plan
     node = parse(layout)
     interp = _whole(_interp(node))
-    if len(_PLANS) >= PLAN_CACHE_MAX:
-        _PLANS.clear()
+    if len(PLANS) >= PLAN_CACHE_MAX:
+        PLANS.clear()
     if _leaf_count(node) > COMPILE_MAX_LEAVES:
-        _PLANS[layout] = interp
+        PLANS[layout] = interp
         return interp
     uses = 0
 
@@ -307,8 +307,8 @@ def plan_for(layout: bytes) -> Callable:
         nonlocal uses
         uses += 1
         if uses == COMPILE_AFTER:
-            _PLANS[layout] = _compile(node, whole=True)
+            PLANS[layout] = _compile(node, whole=True)
         return interp(buf, pos)
 
-    _PLANS[layout] = warming
+    PLANS[layout] = warming
     return warming

@@ -13,8 +13,8 @@ One environment directory holds ``data.mdb``, ``lock.mdb`` and ``kvcache.lock``,
 three named databases:
 
 * ``samples``: key (8-byte big-endian index) -> record (see :mod:`kvcache.codec`)
-* ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout),
-  written in the same transaction as the record
+* ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout; the
+  format is :mod:`kvcache.codec`'s), written in the same transaction as the record
 * ``info``:    format version, codec version, fingerprints and their parts, current
   fingerprint, recorded map size, created and last-written times, and the tally of
   metadata rows per fingerprint (:mod:`kvcache.tally`)
@@ -47,6 +47,7 @@ from .env import (
     open_env,
     release_env,
 )
+from .extent import used_bytes
 from .errors import (
     CacheBusyError,
     CacheCorruptError,
@@ -58,11 +59,10 @@ from .errors import (
 )
 from .tally import NO_FP, TALLY_KEY, Tally
 
-__all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "META_ROW", "Rows", "Store", "index_of", "key_of",
-           "translate"]
+__all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "Rows", "Store", "index_of", "key_of", "translate",
+           "used_bytes"]
 
 KEY = struct.Struct(">Q")
-META_ROW = codec.META_ROW  # fp_id, checksum, record bytes; the layout follows (codec owns it)
 DEFAULT_MAX_MAP_SIZE = 1 << 40
 key_of = KEY.pack
 
@@ -98,9 +98,9 @@ class Rows:
         self.tally = t
 
     def _note(self, row: Any, sign: int) -> None:
-        if len(row) >= META_ROW.size:
-            fp, _cs, size = META_ROW.unpack_from(row, 0)
-            self.tally.add(fp, size, bytes(row[META_ROW.size:]), sign)
+        fields = codec.meta_fields(row)
+        if fields is not None:
+            self.tally.add(fields[0], fields[2], codec.meta_layout(row), sign)
         else:
             self.tally.add(NO_FP, 0, b"", sign)
 
@@ -113,7 +113,7 @@ class Rows:
         if not txn.put(key, record, db=self.samples, overwrite=False):
             if keep_fp is not None:
                 old = txn.get(key, db=self.samples)
-                if codec.checksum_ok(old) and codec.HEADER.unpack_from(old, 0)[3] == keep_fp:
+                if codec.checksum_ok(old, index_of(key)) and codec.read_header(old)[0] == keep_fp:
                     return False
             txn.put(key, record, db=self.samples)
         if not txn.put(key, meta_row, db=self.meta, overwrite=False):
@@ -146,9 +146,9 @@ def count_rows(txn: Any, meta: Any) -> Tally:
     """A tally of the metadata rows by walking them (what :class:`Rows` keeps up to date)."""
     t = Tally()
     for _k, row in txn.cursor(db=meta):
-        if len(row) >= META_ROW.size:
-            fp, _cs, size = META_ROW.unpack_from(row, 0)
-            t.add(fp, size, bytes(row[META_ROW.size:]))
+        fields = codec.meta_fields(row)
+        if fields is not None:
+            t.add(fields[0], fields[2], codec.meta_layout(row))
         else:
             t.add(NO_FP, 0, b"")
     return t
@@ -310,6 +310,23 @@ class Store:
             return n
 
         return self.transact_rows(put_all)
+
+    def indices_of(self, fp_id: int | None) -> list[int]:
+        """The indices whose metadata row says fingerprint ``fp_id`` wrote them, ascending
+        (the one scan of "what the current source has cached")."""
+        if fp_id is None:
+            return []
+        e = self.handle()
+        meta_fp = codec.meta_fp
+        with self.begin(e.meta) as txn:
+            try:
+                return [index_of(k) for k, v in txn.cursor() if len(k) == KEY.size and meta_fp(v) == fp_id]
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
+
+    def used_bytes(self) -> int:
+        """What the environment uses: ``(last page + 1) * page size`` (not the file's length)."""
+        return used_bytes(self.handle().env)
 
     def delete_keys(self, indices: Iterable[int]) -> int:
         """Delete the records and metadata rows of ``indices``; return how many records

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import lmdb
+
 from . import catalog, codec
 from .errors import CorruptRecordError, MissingSampleError
-from .store import KEY, META_ROW, Store
+from .store import KEY, Store, translate
 
 __all__ = ["CacheInfo", "CacheView", "open_cache"]
 
@@ -62,8 +64,11 @@ class CacheView(Mapping):
         fmt = items.get("format") or {}
         cur = items.get("current")
         fps = catalog.fingerprints(s)
-        with s.begin(e.samples) as txn:
-            entries = txn.stat(e.samples)["entries"]
+        try:
+            with s.begin(e.samples) as txn:
+                entries = txn.stat(e.samples)["entries"]
+        except lmdb.Error as exc:
+            raise translate(exc, self.path) from None
         envinfo = e.env.info()
         fp = None
         if cur:
@@ -71,21 +76,14 @@ class CacheView(Mapping):
         return CacheInfo(
             path=self.path, format_version=fmt.get("version"), codec_version=fmt.get("codec"),
             fingerprint=fp, fingerprints=fps, entries=entries, total_bytes=s.tally().bytes,
-            file_bytes=(envinfo["last_pgno"] + 1) * e.env.stat()["psize"], map_size=max(envinfo["map_size"], int(items.get("map_size") or 0)),
+            file_bytes=s.used_bytes(), map_size=max(envinfo["map_size"], int(items.get("map_size") or 0)),
             source_length=cur.get("length") if cur else None, created=fmt.get("created"),
             last_written=items.get("last_written"),
         )
 
     def _indices(self) -> list[int]:
         """Cached indices of the current fingerprint, ascending (one walk of the rows)."""
-        fp = self._fp()
-        e = self.store.handle()
-        out = []
-        with self.store.begin(e.meta) as txn:
-            for k, v in txn.cursor():
-                if len(v) >= META_ROW.size and META_ROW.unpack_from(v, 0)[0] == fp:
-                    out.append(KEY.unpack(k)[0])
-        return out
+        return self.store.indices_of(self._fp())
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -99,8 +97,11 @@ class CacheView(Mapping):
             return False
         fp, e = self._fp(), self.store.handle()
         with self.store.begin(e.meta) as txn:
-            row = txn.get(KEY.pack(index))
-            return row is not None and len(row) >= META_ROW.size and META_ROW.unpack_from(row, 0)[0] == fp
+            try:
+                row = txn.get(KEY.pack(index))
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
+            return row is not None and codec.meta_fp(row) == fp
 
     def __getitem__(self, index: int) -> Any:
         """The sample at ``index``.
@@ -109,9 +110,17 @@ class CacheView(Mapping):
             MissingSampleError: not cached (or cached by another fingerprint); a KeyError.
             CorruptRecordError: the record fails its checksum.
         """
-        raw = self.record(index)
+        i = _as_index(index)
+        if i is None:
+            raise MissingSampleError(f"{self.path}: {index!r} is not an index of the cache")
+        index = i
+        fp = self._fp()
         try:
-            return codec.decode(raw, self.verify, self._fp())
+            with self.store.begin() as txn:
+                # decoded from LMDB's memory, so a damaged size is caught by the length
+                # check before any byte past the record is touched (see kvcache.codec)
+                raw = self._get(txn, index)
+                return codec.decode(raw, self.verify, fp, index)
         except codec.StaleRecord:
             raise MissingSampleError(f"{self.path}: index {index} was cached by another source") from None
         except CorruptRecordError as exc:
@@ -120,20 +129,33 @@ class CacheView(Mapping):
             ) from None
 
     def record(self, index: int) -> bytes:
-        """The raw record bytes at ``index`` (of whichever fingerprint wrote it, unchecked).
+        """The raw record bytes at ``index`` (of whichever fingerprint wrote it, unchecked
+        but for its length).
 
         Raises:
             MissingSampleError: no record there.
+            CorruptRecordError: the record's length does not match its own header and
+                layout (it is not copied: a damaged size could run past the file).
         """
         i = _as_index(index)
         if i is None:
             raise MissingSampleError(f"{self.path}: {index!r} is not an index of the cache")
         index = i
         with self.store.begin() as txn:
-            raw = txn.get(KEY.pack(index))
-            if raw is None:
-                raise MissingSampleError(f"{self.path}: index {index} is not in the cache")
+            raw = self._get(txn, index)
+            codec.decode(raw, False)  # the length check: never copy past the record's end
             return bytes(raw)
+
+    def _get(self, txn: object, index: int) -> object:
+        try:
+            raw = txn.get(KEY.pack(index))  # type: ignore[attr-defined]
+        except lmdb.Error as exc:
+            raise translate(exc, self.path) from None
+        except (OverflowError, TypeError):
+            raise MissingSampleError(f"{self.path}: index {index!r} is not in the cache") from None
+        if raw is None:
+            raise MissingSampleError(f"{self.path}: index {index} is not in the cache")
+        return raw
 
     def close(self) -> None:
         self.store.close()

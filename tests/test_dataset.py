@@ -242,8 +242,9 @@ def test_concurrent_writers_first_writer_wins(path, method):
             keys = [KEY.unpack(k)[0] for k, _ in txn.cursor(db=samples)]
             assert keys == list(range(n))
             for k, rec in txn.cursor(db=samples):
-                assert codec.checksum_ok(rec)
-                assert same(codec.decode(rec), src[KEY.unpack(k)[0]])
+                i = KEY.unpack(k)[0]
+                assert codec.checksum_ok(rec, i)
+                assert same(codec.decode(rec, True, None, i), src[i])
     finally:
         env.close()
 

@@ -1,11 +1,14 @@
-"""``__getitems__`` decodes inline (codec.decode's steps in its loop): on hostile records
-(corrupted, stale, truncated, forged and re-sealed) it must do exactly what ``ds[i]`` does:
-the same value, the same error, the same counts."""
+"""``__getitems__`` serves a batch from one transaction through ``codec.decode`` (the one
+place that knows the record format): on hostile records (corrupted, stale, truncated,
+forged and re-sealed, another key's record) it must do exactly what ``ds[i]`` does: the
+same value, the same error, the same counts."""
 
 from __future__ import annotations
 
 import random
 import struct
+
+import xxhash
 import warnings
 
 import lmdb
@@ -18,11 +21,13 @@ from kvcache.store import KEY
 N = 24
 
 
-def _reseal(rec: bytes) -> bytes:
-    """The record with its checksum recomputed, so a damage reaches the parsers."""
+def _reseal(rec: bytes, index: int = 3) -> bytes:
+    """The record with its checksum recomputed (seeded with ``index`` when the record is
+    KEYED), so a damage reaches the parsers."""
     if len(rec) < 16:
         return rec
-    return rec[:8] + struct.pack("<Q", codec._checksum(rec[16:])) + rec[16:]
+    seed = index if struct.unpack_from("<I", rec, 4)[0] == codec.KEYED else 0
+    return rec[:8] + struct.pack("<Q", xxhash.xxh3_64_intdigest(rec[16:], seed)) + rec[16:]
 
 
 def _hostile(good: bytes, other: bytes, rng: random.Random) -> list[bytes]:
@@ -35,6 +40,7 @@ def _hostile(good: bytes, other: bytes, rng: random.Random) -> list[bytes]:
     long_layout = _reseal(good[:20] + struct.pack("<I", 1 << 30) + good[24:])
     other_layout = _reseal(good[:24] + codec.record_layout(other) + good[24 + len(codec.record_layout(good)):])
     out = [
+        other, _reseal(other, 5),  # another key's record (a misdirected page copy)
         bytes(flipped), _reseal(bytes(flipped)), bytes(head), _reseal(bytes(head)), stale,
         good[:-5], _reseal(good[:-5]), good[:10], b"", b"XXXX" + good[4:], long_layout,
         other_layout, good + b"\0", _reseal(good + b"\0"),
@@ -78,7 +84,7 @@ def test_getitems_and_getitem_agree_on_hostile_records(tmp_path, make, verify, w
     src = make(N)
     with LmdbCachedDataset(src, path) as ds:
         ds.build()
-        for i in range(N):  # compile every layout's plan, so the inline path is taken
+        for i in range(N):  # compile every layout's plan, so the fast path is taken
             for _ in range(4):
                 ds[i]
     with LmdbCachedDataset(None, path) as ro, ro._store.begin() as txn:
@@ -95,7 +101,7 @@ def test_getitems_and_getitem_agree_on_hostile_records(tmp_path, make, verify, w
                     a = _outcome(lambda one=one: one[3])
                     b = _outcome(lambda two=two: two.__getitems__([3])[0])
                     assert _agree(a, b), (rec, a, b)
-                    if a[0] == "ok" and with_source and verify and not codec.checksum_ok(rec):
+                    if a[0] == "ok" and with_source and verify and not codec.checksum_ok(rec, 3):
                         # Damaged bytes are never served as a sample when verified.
                         assert same(a[1], src[3])
                 assert one.stats() == two.stats(), rec

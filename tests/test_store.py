@@ -15,12 +15,12 @@ from kvcache import (
     CacheWriteError,
     codec,
 )
-from kvcache.store import KEY, META_ROW, Store, translate
+from kvcache.store import KEY, Store, translate
 
 
 def row(i: int, value, fp: int = 1):
     rec, layout, checksum = codec.encode(value, fp)
-    return i, rec, META_ROW.pack(fp, checksum, len(rec)) + layout
+    return i, rec, codec.meta_row(fp, checksum, len(rec), layout)
 
 
 def stored(store: Store, i: int):
@@ -56,7 +56,7 @@ def test_first_writer_wins_stale_and_corrupt_are_replaced(store):
     assert store.write_records([row(5, "a"), row(5, "b")], 1) == 1
     with store.begin(e.meta) as txn:
         assert txn.stat(e.meta)["entries"] == 3
-        fp, checksum, size = META_ROW.unpack_from(txn.get(KEY.pack(5)), 0)
+        fp, checksum, size = codec.meta_fields(txn.get(KEY.pack(5)))
     assert (fp, size) == (1, len(row(5, "b")[1])) and stored(store, 5) == "b"
     assert store.info_get(b"last_written") is not None
 

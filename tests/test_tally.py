@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from kvcache import KvCacheWarning, LmdbCachedDataset, open_cache
 from kvcache.cli import cli
 from kvcache.maintenance import build, compact, gc, inspect_cache, merge, verify
-from kvcache.store import KEY, META_ROW
+from kvcache.codec import META_ROW
+from kvcache.store import KEY
 from kvcache.tally import MAX_LAYOUTS, TALLY_KEY, Tally
 
 

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ import bench_systems as S
 
 def steps(name: str, n: int, root: str) -> dict:
     from kvcache import codec
-    from kvcache.plans import _PLANS
+    from kvcache.plans import PLANS
     from kvcache.store import KEY
 
     data = B.make_data(name, n)
@@ -44,7 +45,7 @@ def steps(name: str, n: int, root: str) -> dict:
     e = ds._env
     env, db, key, fp = e.env, e.samples, KEY.pack, ds._fp_read
     fenv, fkey = fl._henv, KEY.pack
-    head, xx, dec = codec._unpack_head, xxhash.xxh3_64_intdigest, codec.decode
+    head, xx, dec = struct.Struct("<QQII").unpack_from, xxhash.xxh3_64_intdigest, codec.decode
     dt = fl.dtype
     shape = fl.shape
 
@@ -89,7 +90,7 @@ def steps(name: str, n: int, root: str) -> dict:
             b = t.get(key(i))
             h = head(b, 0)
             _ = xx(b[16:]) == h[1]
-            _PLANS[b[24 : 24 + h[3]]]
+            PLANS[b[24 : 24 + h[3]]]
             t.abort()
 
     def kv_decode() -> None:  # + running the plan: codec.decode complete

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kvcache import LmdbCachedDataset, codec
-from kvcache.store import KEY, META_ROW
+from kvcache.store import KEY
 
 
 class Small(torch.utils.data.Dataset):
@@ -42,7 +42,7 @@ def t_source():
 def t_encode():
     t=time.perf_counter()
     for i in range(n):
-        rec, lay, cs = codec.encode(src[i], 1); META_ROW.pack(1, cs, len(rec)) + lay
+        rec, lay, cs = codec.encode(src[i], 1); codec.meta_row(1, cs, len(rec), lay)
     return time.perf_counter()-t
 def t_raw():
     d = tempfile.mkdtemp(dir=base)
@@ -65,7 +65,7 @@ def t_raw2():  # two dbs, no append (kvcache's shape of writes, without encode)
             for i in range(k, min(n, k+4096)):
                 rec, lay, cs = recs[i]
                 txn.put(KEY.pack(i), rec, db=db, overwrite=False)
-                txn.put(KEY.pack(i), META_ROW.pack(1, cs, len(rec)) + lay, db=db2)
+                txn.put(KEY.pack(i), codec.meta_row(1, cs, len(rec), lay), db=db2)
     el = time.perf_counter()-t; env.close(); shutil.rmtree(d); return el
 def t_raw3():  # two dbs, append
     d = tempfile.mkdtemp(dir=base)
@@ -80,7 +80,7 @@ def t_raw3():  # two dbs, append
                 key = KEY.pack(i)
                 if not txn.put(key, rec, db=db, append=True):
                     txn.put(key, rec, db=db, overwrite=False)
-                txn.put(key, META_ROW.pack(1, cs, len(rec)) + lay, db=db2, append=True)
+                txn.put(key, codec.meta_row(1, cs, len(rec), lay), db=db2, append=True)
     el = time.perf_counter()-t; env.close(); shutil.rmtree(d); return el
 def t_build():
     d = tempfile.mkdtemp(dir=base)

@@ -21,6 +21,7 @@ from ..env import LOCK_NAME, classify, read_identity
 from ..errors import CacheBusyError, CacheReadOnlyError, KvCacheError, NotACacheError
 from ..lockfree import published_note
 from ..store import translate
+from ..extent import used_bytes
 
 __all__ = ["check_cache", "exclusive", "file_bytes", "live_bytes", "lock_holders", "open_raw",
            "sibling_dir", "swap_in"]
@@ -101,9 +102,7 @@ def open_raw(path: str, *, write: bool = False, **kw: Any) -> Any:
         raise translate(exc, path) from None
 
 
-def file_bytes(env: Any) -> int:
-    """What the environment uses: ``(last_pgno + 1) * page size`` (not the file's length)."""
-    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+file_bytes = used_bytes  # what the environment uses (kvcache.extent owns the computation)
 
 
 def live_bytes(env: Any) -> int:

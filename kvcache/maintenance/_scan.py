@@ -27,7 +27,8 @@ import numpy as np
 
 from .. import codec, layout
 from ..errors import CorruptRecordError
-from ..store import FORMAT_VERSION, KEY, LOCK_NAME, META_ROW, Rows
+from ..extent import used_bytes
+from ..store import FORMAT_VERSION, KEY, LOCK_NAME, Rows
 
 _PROGRESS_EVERY = 1000
 
@@ -87,35 +88,34 @@ def _numpy_torch() -> Any:
     return ns
 
 
-def _decodes(raw: Any) -> None:
-    """Decode ``raw`` (raises CorruptRecordError), without torch when the layout allows."""
+def _decodes(raw: Any, index: int) -> None:
+    """Decode and verify ``raw`` stored at ``index`` (raises CorruptRecordError), without
+    torch when the layout allows."""
     if layout.torch_in_use() is None:
         layout.use_torch(_numpy_torch())
     try:
-        codec.decode(raw, False)
+        codec.decode(raw, True, None, index)
     except CorruptRecordError as exc:
         if "unknown torch dtype" not in str(exc) or isinstance(layout.torch_in_use(), types.ModuleType):
             raise
         layout.use_torch(None)  # a dtype the stand-in lacks: use torch from now on
-        codec.decode(raw, False)
+        codec.decode(raw, True, None, index)
 
 
-def _check_record(raw: Any, meta: bytes | None) -> str | None:
-    """Why the record is bad, or None."""
-    if not codec.checksum_ok(raw):
-        return "checksum mismatch"
+def _check_record(raw: Any, meta: bytes | None, index: int) -> str | None:
+    """Why the record stored at ``index`` is bad, or None."""
     try:
         fp, checksum, _ = codec.read_header(raw)
-        _decodes(raw)
+        _decodes(raw, index)  # its length is checked before the checksum reads it all
     except CorruptRecordError as exc:
         return str(exc)
     if meta is not None:
-        if len(meta) < META_ROW.size:
+        fields = codec.meta_fields(meta)
+        if fields is None:
             return "metadata row too short"
-        mfp, mcs, msize = META_ROW.unpack_from(meta, 0)
-        if (mfp, mcs, msize) != (fp, checksum, len(raw)):
+        if fields != (fp, checksum, len(raw)):
             return "metadata row does not match the record"
-        if bytes(meta[META_ROW.size:]) != codec.record_layout(raw):
+        if codec.meta_layout(meta) != codec.record_layout(raw):
             return "metadata layout does not match the record"
     return None
 
@@ -134,7 +134,7 @@ def scan(path: str) -> dict:
         res["errors"].append(f"cannot open: {exc}")
         return res
     try:
-        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        need = used_bytes(env)
         have = os.path.getsize(os.path.join(path, "data.mdb"))
         if have < need:
             res["short_by"] = need - have  # reported if the walk below dies or fails
@@ -177,7 +177,7 @@ def scan(path: str) -> dict:
                         continue
                     i = KEY.unpack(kb)[0]
                     m = mtxn.get(kb)
-                    why = _check_record(v, None if m is None else bytes(m))
+                    why = _check_record(v, None if m is None else bytes(m), i)
                     if why:
                         res["bad"].append(i)
                         res["reasons"][str(i)] = why
@@ -248,8 +248,7 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
         with out.begin(write=True) as otxn:
             rows = Rows(otxn, o_samples, o_meta, o_info)  # recounts the copied info's tally
             for kb, rec in batch:
-                fp, checksum, _ = codec.read_header(rec)
-                rows.put(kb, rec, META_ROW.pack(fp, checksum, len(rec)) + codec.record_layout(rec))
+                rows.put(kb, rec, codec.meta_row_of(rec))
             rows.save()
         batch.clear()
 
@@ -265,7 +264,7 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
                 rec = txn.get(kb)
         except lmdb.Error:
             continue
-        if rec is None or _check_record(rec, None):
+        if rec is None or _check_record(rec, None, i):
             continue
         batch.append((kb, rec))
         copied += 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .. import codec
 from ..catalog import current
 from ..errors import CorruptRecordError
-from ..store import META_ROW, Rows, Store
+from ..store import Rows, Store
 from ._common import check_cache, file_bytes, live_bytes
 
 __all__ = ["GcReport", "gc"]
@@ -51,7 +51,8 @@ def gc(path: str | os.PathLike) -> GcReport:
                 else:
                     kept += 1
             for k, v in txn.cursor(db=e.meta):
-                if len(v) >= META_ROW.size and META_ROW.unpack_from(v, 0)[0] != cur_id:
+                fp = codec.meta_fp(v)
+                if fp is not None and fp != cur_id:
                     doomed.append(bytes(k))
             removed = set()
             for k in doomed:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
-
-import xxhash
 
 from .. import catalog, codec
 from ..errors import CorruptRecordError, StaleCacheError
 from ..fingerprint import diff_parts
-from ..store import KEY, META_ROW, Store
+from ..store import KEY, Store
 from ..view import CacheView
 from ._common import check_cache
 
@@ -32,16 +29,6 @@ class MergeReport:
     @property
     def ok(self) -> bool:
         return not any(self.bad.values())
-
-
-def _with_fp(rec: bytes, fp_id: int) -> bytes:
-    """The record with another fingerprint id in its header (and the checksum redone)."""
-    if codec.read_header(rec)[0] == fp_id:
-        return rec
-    buf = bytearray(rec)
-    struct.pack_into("<I", buf, 16, fp_id)
-    struct.pack_into("<Q", buf, 8, xxhash.xxh3_64_intdigest(bytes(buf[16:])))
-    return bytes(buf)
 
 
 def merge(dest: str | os.PathLike, srcs: list[str | os.PathLike]) -> MergeReport:
@@ -87,14 +74,14 @@ def merge(dest: str | os.PathLike, srcs: list[str | os.PathLike]) -> MergeReport
                         try:
                             if codec.read_header(raw)[0] != fp["id"]:
                                 continue
-                            if not codec.checksum_ok(raw):
+                            if not codec.checksum_ok(raw, i):
                                 raise CorruptRecordError("checksum mismatch")
-                            rec = _with_fp(bytes(raw), fp_id)
-                            layout = codec.record_layout(rec)
+                            rec = codec.with_fp(raw, fp_id, i)
+                            meta = codec.meta_row_of(rec)
                         except CorruptRecordError:
                             bad.append(i)
                             continue
-                        rows.append((i, rec, META_ROW.pack(fp_id, codec.read_header(rec)[1], len(rec)) + layout))
+                        rows.append((i, rec, meta))
                         if len(rows) >= BATCH:
                             _write(store, rows, fp_id, rep)
                 _write(store, rows, fp_id, rep)

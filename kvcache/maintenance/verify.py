@@ -16,7 +16,7 @@ from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
 from ..store import KEY, Rows, Store, count_rows
 from ..tally import TALLY_KEY, Tally
-from ._common import exclusive, open_raw, sibling_dir, swap_in
+from ._common import exclusive, open_raw, sibling_dir, swap_in, used_bytes
 from .spec import load_spec
 
 __all__ = ["VerifyReport", "scan", "verify"]
@@ -171,7 +171,7 @@ def _salvage(path: str) -> int:
     shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(src, "data.mdb"))
     try:
         env = open_raw(src)
-        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        need = used_bytes(env)
         env.close()
         if os.path.getsize(os.path.join(src, "data.mdb")) < need:
             os.truncate(os.path.join(src, "data.mdb"), need)

@@ -19,7 +19,7 @@ from _fault_helpers import BigSource, Holder
 
 import kvcache
 from kvcache import codec
-from kvcache.store import META_ROW, Store, key_of
+from kvcache.store import Store, key_of
 
 # Counts how often the open-time size guard tripped (and the precise check cleared it).
 COUNT_TRIPS = """
@@ -49,7 +49,7 @@ except kvcache.KvCacheError as exc:
 def _row(rng, fp):
     a = np.frombuffer(rng.randbytes(rng.choice([10, 100, 2000, 5000, 40_000, 300_000])), np.uint8)
     rec, layout, checksum = codec.encode(a.copy(), fp)
-    return rec, META_ROW.pack(fp, checksum, len(rec)) + layout
+    return rec, codec.meta_row(fp, checksum, len(rec), layout)
 
 
 def _workload(path, holder, seed, commits):

@@ -1,0 +1,376 @@
+"""Damage fuzzer: seeded random damage to ``data.mdb``, then everything a user or tool does.
+
+    .venv/bin/python tools/fuzz.py 1000                    # every kind, seeds 0..999
+    .venv/bin/python tools/fuzz.py 200 --kind span,bitflip --start 5000
+    .venv/bin/python tools/fuzz.py 50 --quick              # skip the DataLoader and CLI steps
+
+A base cache is built once (200 samples: a uint8 3x32x32 tensor and an int label; every
+16th sample is a 3x48x48 tensor, so the file has overflow pages too). Each seed copies it,
+damages the copy with one kind of damage (chosen by the seed, or from ``--kind``), and
+runs the steps below in a forked child process (this process imported torch and kvcache
+once; a fork costs milliseconds, a fresh interpreter seconds):
+
+1. ``open_cache(path)``: ``info()``, ``keys()``, ``get(i)`` of every key;
+2. ``LmdbCachedDataset(None, path)``: ``ds[i]`` for every index, ``__getitems__`` of all;
+3. ``readonly=True`` with the source: every index;
+4. ``kvcache inspect`` and ``kvcache verify`` (the click CLI, in the child);
+5. with the source: ``ds[i]`` for every index, ``__getitems__`` of all, one DataLoader
+   epoch with 2 workers, ``close()``;
+6. ``kvcache verify --repair``, then ``kvcache verify``, which must find the cache clean.
+
+Each seed is classified by the worst thing that happened: ``signal`` (the child or a
+DataLoader worker died of one), ``hang`` (past ``--timeout``), ``foreign`` (an exception
+that is not a ``KvCacheError``, or a CLI exit that calls a damaged cache "not a cache"),
+``wrong`` (a sample differing from the source, or verify still failing after a repair),
+``refused`` (a ``KvCacheError``: the right answer for a damaged file), ``ok``. The table
+is kinds x outcomes; ``--json`` writes every seed's details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import kvcache  # noqa: E402
+
+PSIZE = 4096
+N = 200
+KINDS = ("span", "bitflip", "zero_page", "copy_page", "truncate", "append")
+OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
+_RANK = {o: r for r, o in enumerate(OUTCOMES)}
+
+
+class FuzzSource(torch.utils.data.Dataset):
+    """Deterministic samples: ``(uint8 tensor, label)``; every 16th one spills to overflow pages."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> tuple:
+        side = 48 if i % 16 == 0 else 32
+        g = np.random.default_rng(i)
+        return (torch.from_numpy(g.integers(0, 256, (3, side, side), dtype=np.uint8)), i)
+
+
+def expected(i: int) -> tuple:
+    return FuzzSource()[i]
+
+
+def same(a: Any, b: Any) -> bool:
+    return (type(a) is tuple and len(a) == 2 and isinstance(a[0], torch.Tensor) and a[0].dtype == b[0].dtype
+            and a[0].shape == b[0].shape and torch.equal(a[0], b[0]) and a[1] == b[1] and type(a[1]) is int)
+
+
+# --------------------------------------------------------------------------- damage
+
+
+def damage(path: str, kind: str, rng: random.Random) -> str:
+    """Damage ``path/data.mdb`` in place; return a one-line description."""
+    f = os.path.join(path, "data.mdb")
+    size = os.path.getsize(f)
+    pages = size // PSIZE
+    with open(f, "r+b") as fh:
+        if kind == "span":
+            places = []
+            for _ in range(rng.randint(1, 16)):
+                n = rng.choice((rng.randint(1, 64), rng.randint(1, 4096)))
+                off = rng.randrange(0, max(1, size - n))
+                fh.seek(off)
+                fh.write(rng.randbytes(n))
+                places.append(f"{n}@{off}")
+            return "spans " + ",".join(places)
+        if kind == "bitflip":
+            places = []
+            for _ in range(rng.randint(1, 16)):
+                off = rng.randrange(size)
+                fh.seek(off)
+                b = fh.read(1)[0] ^ (1 << rng.randrange(8))
+                fh.seek(off)
+                fh.write(bytes([b]))
+                places.append(str(off))
+            return "bits " + ",".join(places)
+        if kind == "zero_page":
+            p = rng.randrange(pages)
+            fh.seek(p * PSIZE)
+            fh.write(bytes(PSIZE))
+            return f"page {p} zeroed"
+        if kind == "copy_page":
+            a, b = rng.randrange(pages), rng.randrange(pages)
+            fh.seek(a * PSIZE)
+            data = fh.read(PSIZE)
+            fh.seek(b * PSIZE)
+            fh.write(data)
+            return f"page {a} copied over {b}"
+        if kind == "truncate":
+            n = rng.randrange(size)
+            fh.truncate(n)
+            return f"truncated to {n}"
+        if kind == "append":
+            n = rng.choice((rng.randint(1, 4096), rng.randint(1, 1 << 20)))
+            fh.seek(0, 2)
+            fh.write(rng.randbytes(n))
+            return f"{n} bytes appended"
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- the child's steps
+
+
+class Seed:
+    """What one child saw: per step, the worst outcome and a note."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, tuple[str, str]] = {}
+
+    def note(self, step: str, outcome: str, what: str = "") -> None:
+        old = self.steps.get(step)
+        if old is None or _RANK[outcome] > _RANK[old[0]]:
+            self.steps[step] = (outcome, what[:300])
+
+    def run(self, step: str, fn: Any) -> Any:
+        try:
+            out = fn()
+        except kvcache.KvCacheError as exc:
+            self.note(step, "refused", f"{type(exc).__name__}: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
+            what = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+            sig = "killed by signal" in str(exc) or "exited unexpectedly" in str(exc)
+            self.note(step, "signal" if sig else "foreign", what + " | " + traceback.format_exc()[-600:])
+            return None
+        self.note(step, "ok")
+        return out
+
+
+def _items(s: Seed, step: str, get: Any, indices: Any) -> None:
+    for i in indices:
+        try:
+            v = get(i)
+        except kvcache.KvCacheError as exc:
+            s.note(step, "refused", f"{i}: {type(exc).__name__}: {exc}")
+            continue
+        if not same(v, expected(i)):
+            s.note(step, "wrong", f"index {i}")
+    s.note(step, "ok")
+
+
+def _check_batch(s: Seed, step: str, got: list | None, indices: list) -> None:
+    if got is None:
+        return
+    for i, v in zip(indices, got):
+        if not same(v, expected(i)):
+            s.note(step, "wrong", f"index {i}")
+    if len(got) != len(indices):
+        s.note(step, "wrong", "batch length")
+
+
+def _cli(s: Seed, step: str, args: list[str]) -> int | None:
+    from click.testing import CliRunner
+
+    from kvcache.cli import cli
+
+    r = CliRunner().invoke(cli, args)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        exc = r.exception
+        s.note(step, "foreign", f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+        return None
+    if r.exit_code == 0:
+        s.note(step, "ok")
+    elif r.exit_code == 1:
+        s.note(step, "refused", (r.output or "")[-200:])
+    else:  # 2 says "not a cache / usage": wrong for a damaged kvcache cache
+        s.note(step, "foreign", f"exit {r.exit_code}: {(r.output or '')[-200:]}")
+    return r.exit_code
+
+
+def child_steps(path: str, quick: bool) -> dict:
+    warnings.simplefilter("ignore")
+    s = Seed()
+    src = FuzzSource()
+    idx = list(range(N))
+
+    def view() -> None:
+        with kvcache.open_cache(path) as v:
+            v.info()
+            keys = v.keys()
+            _items(s, "view", v.get, keys)
+
+    s.run("view", view)
+
+    def nosource() -> None:
+        ds = kvcache.LmdbCachedDataset(None, path)
+        try:
+            n = min(len(ds), N)
+            _items(s, "source=None", ds.__getitem__, range(n))
+            s.run("source=None", lambda: _check_batch(s, "source=None", ds.__getitems__(list(range(n))),
+                                                       list(range(n))))
+        finally:
+            ds.close()
+
+    s.run("source=None", nosource)
+
+    def readonly() -> None:
+        with kvcache.LmdbCachedDataset(src, path, readonly=True) as ds:
+            _items(s, "readonly", ds.__getitem__, idx)
+
+    s.run("readonly", readonly)
+    if not quick:
+        _cli(s, "inspect", ["inspect", path])
+        _cli(s, "verify", ["verify", path])
+
+    def with_source() -> None:
+        with kvcache.LmdbCachedDataset(src, path) as ds:
+            _items(s, "source", ds.__getitem__, idx)
+            _check_batch(s, "source", s.run("source", lambda: ds.__getitems__(idx)), idx)
+            if not quick:
+                dl = torch.utils.data.DataLoader(ds, batch_size=25, num_workers=2,
+                                                 collate_fn=lambda b: b, multiprocessing_context="fork")
+                got = [x for batch in dl for x in batch]
+                _check_batch(s, "dataloader", got, idx)
+
+    s.run("source", with_source)
+    if not quick:
+        _cli(s, "verify --repair", ["verify", "--repair", path])
+        rc = _cli(s, "verify after repair", ["verify", path])
+        if rc not in (0, None) and "verify --repair" in s.steps and s.steps["verify --repair"][0] == "ok":
+            s.note("verify after repair", "wrong", "verify still fails after a repair that succeeded")
+    return {k: list(v) for k, v in s.steps.items()}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def build_base(root: str) -> str:
+    path = os.path.join(root, "base")
+    with kvcache.LmdbCachedDataset(FuzzSource(), path) as ds:
+        ds.build()
+    return path
+
+
+def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: float) -> dict:
+    path = os.path.join(work, f"s{seed}")
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(base, path)
+    what = damage(path, kind, random.Random(seed))
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the driver
+        code = 0
+        try:
+            os.close(rfd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            out = json.dumps(child_steps(path, quick)).encode()
+            with os.fdopen(wfd, "wb") as w:
+                w.write(out)
+        except BaseException:  # noqa: BLE001
+            code = 3
+        os._exit(code)
+    os.close(wfd)
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+            break
+        time.sleep(0.02)
+    rec: dict[str, Any] = {"seed": seed, "kind": kind, "damage": what}
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        rec.update(outcome="hang", steps={})
+    else:
+        with os.fdopen(rfd, "rb") as r:
+            raw = r.read()
+        rfd = -1
+        if os.WIFSIGNALED(status):
+            rec.update(outcome="signal", steps={}, signal=signal.Signals(os.WTERMSIG(status)).name)
+        elif not raw:
+            rec.update(outcome="foreign", steps={}, note=f"child exited {os.WEXITSTATUS(status)} without a report")
+        else:
+            steps = json.loads(raw)
+            rec["steps"] = steps
+            rec["outcome"] = max((o for o, _ in steps.values()), key=_RANK.__getitem__, default="ok")
+    if rfd >= 0:
+        os.close(rfd)
+    shutil.rmtree(path, ignore_errors=True)
+    return rec
+
+
+def table(recs: list[dict]) -> str:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        counts[r["kind"]][r["outcome"]] += 1
+    kinds = [k for k in KINDS if k in counts]
+    lines = ["| kind | seeds | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    total: Counter = Counter()
+    for k in kinds:
+        c = counts[k]
+        total.update(c)
+        lines.append(f"| {k} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in OUTCOMES) + " |")
+    lines.append(f"| **all** | {sum(total.values())} | " + " | ".join(str(total[o]) for o in OUTCOMES) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("n", type=int, help="how many seeds")
+    p.add_argument("--start", type=int, default=0, help="the first seed")
+    p.add_argument("--kind", default=",".join(KINDS), help="comma list of " + ",".join(KINDS))
+    p.add_argument("--quick", action="store_true", help="skip the DataLoader and CLI steps")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a seed counts as a hang")
+    p.add_argument("--json", default=None, help="write every seed's record here")
+    p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    a = p.parse_args(argv)
+    kinds = [k for k in a.kind.split(",") if k]
+    bad = set(kinds) - set(KINDS)
+    if bad:
+        p.error(f"unknown kind(s) {sorted(bad)}; choose from {','.join(KINDS)}")
+    root = tempfile.mkdtemp(prefix="kvfuzz-", dir=a.dir)
+    recs = []
+    t0 = time.monotonic()
+    try:
+        base = build_base(root)
+        for seed in range(a.start, a.start + a.n):
+            kind = kinds[seed % len(kinds)]
+            rec = run_seed(base, root, seed, kind, a.quick, a.timeout)
+            recs.append(rec)
+            if rec["outcome"] not in ("ok", "refused"):
+                detail = rec.get("signal") or {k: v for k, v in rec.get("steps", {}).items()
+                                                if v[0] not in ("ok", "refused")}
+                print(f"seed {seed} {kind}: {rec['outcome']} ({rec['damage'][:80]}) {detail}", flush=True)
+            done = len(recs)
+            if done % 50 == 0:
+                print(f"[{done}/{a.n} seeds, {time.monotonic() - t0:.0f}s]", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(recs, f, indent=1)
+    mode = "quick (no DataLoader/CLI steps)" if a.quick else "all steps"
+    print(f"\n{len(recs)} seeds ({a.start}..{a.start + a.n - 1}), {mode}, {time.monotonic() - t0:.0f}s\n")
+    print(table(recs))
+    return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
