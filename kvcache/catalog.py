@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StaleCacheError
+from .errors import CacheCorruptError, StaleCacheError
 from .fingerprint import diff_parts, digest
 from .store import Rows, Store
 
@@ -35,16 +35,43 @@ class Resolved:
     reset: bool  # the cache was emptied (on_stale="reset")
 
 
+def _valid_id(v: Any) -> bool:
+    return type(v) is int and 0 < v < 1 << 32
+
+
+def _fp_row(v: Any) -> bool:
+    """Whether ``v`` is a fingerprint row as kvcache writes it."""
+    return isinstance(v, dict) and _valid_id(v.get("id")) and isinstance(v.get("digest"), str)
+
+
 def current(store: Store) -> dict[str, Any] | None:
-    return store.info_get(b"current")
+    """The ``current`` row, or None.
+
+    Raises:
+        CacheCorruptError: the row is damaged (not what kvcache writes there).
+    """
+    cur = store.info_get(b"current")
+    if cur is None:
+        return None
+    length = cur.get("length") if isinstance(cur, dict) else None
+    if not _fp_row(cur) or not (length is None or (type(length) is int and length >= 0)):
+        raise store.damaged_row(b"current")
+    return cur
+
+
+def _fp_get(store: Store, dg: str) -> dict[str, Any] | None:
+    row = store.info_get(b"fp:" + dg.encode())
+    if row is not None and (not _fp_row(row) or row["digest"] != dg):
+        raise store.damaged_row(b"fp:" + dg.encode())
+    return row
 
 
 def fingerprints(store: Store) -> dict[int, dict[str, Any]]:
-    """Every fingerprint the cache knows, by id."""
+    """Every fingerprint the cache knows, by id (damaged rows are left out)."""
     out = {}
     for k, v in store.info_items().items():
-        if k.startswith("fp:") and isinstance(v, dict):
-            out[int(v["id"])] = v
+        if k.startswith("fp:") and _fp_row(v):
+            out[v["id"]] = v
     return out
 
 
@@ -56,15 +83,30 @@ def resolve(store: Store, parts: dict[str, Any] | None, length: int | None, on_s
     Raises:
         StaleCacheError: the cache was filled by another source and ``on_stale="error"``.
     """
-    cur = current(store)
+    rebuild = parts is not None and store.writable  # a source can rebuild damaged rows
+    try:
+        cur = current(store)
+    except CacheCorruptError:
+        if not rebuild:
+            raise
+        cur = None  # the source's own row replaces it below
     if parts is None:
         return Resolved(cur["id"] if cur else None, cur.get("length") if cur else None, [], False)
     dg = digest(parts)
-    row = store.info_get(b"fp:" + dg.encode())
+    try:
+        row = _fp_get(store, dg)
+    except CacheCorruptError:
+        if not rebuild:
+            raise
+        row = None  # registered again under a new id: its old records become stale
     stale: list[str] = []
     if cur is not None and cur["digest"] != dg:
-        old = store.info_get(b"fp:" + cur["digest"].encode()) or {}
-        stale = diff_parts(old.get("parts", {}), parts) or ["fingerprint digest"]
+        try:
+            old = _fp_get(store, cur["digest"]) or {}
+        except CacheCorruptError:
+            old = {}
+        old_parts = old.get("parts")
+        stale = diff_parts(old_parts if isinstance(old_parts, dict) else {}, parts) or ["fingerprint digest"]
         if on_stale == "error":
             raise StaleCacheError(
                 f"{store.path} was filled by a different source; changed: {'; '.join(stale)}. "
@@ -81,14 +123,14 @@ def resolve(store: Store, parts: dict[str, Any] | None, length: int | None, on_s
         # cache written before the tally existed gets one counted here, once
         txn = rows.txn
         raw = txn.get(b"fp:" + dg.encode(), db=e.info)
-        if raw is None:
-            nxt = txn.get(b"fp_next", db=e.info)
-            fp_id = int(nxt) if nxt else 1
+        known = _loads(raw)
+        if _fp_row(known) and known["digest"] == dg:
+            fp_id = known["id"]
+        else:  # new, or a damaged row rebuilt under a fresh id
+            fp_id = _next_id(txn, e.info)
             txn.put(b"fp_next", str(fp_id + 1).encode(), db=e.info)
             txn.put(b"fp:" + dg.encode(), json.dumps(
                 {"id": fp_id, "digest": dg, "parts": parts, "created": time.time()}).encode(), db=e.info)
-        else:
-            fp_id = json.loads(bytes(raw))["id"]
         if reset:
             rows.clear()
         txn.put(b"current", json.dumps({"id": fp_id, "digest": dg, "length": length}).encode(), db=e.info)
@@ -96,3 +138,21 @@ def resolve(store: Store, parts: dict[str, Any] | None, length: int | None, on_s
 
     fp_id = store.transact_rows(register)
     return Resolved(fp_id, length, stale, reset)
+
+
+def _loads(raw: Any) -> Any:
+    try:
+        return None if raw is None else json.loads(bytes(raw))
+    except ValueError:
+        return None
+
+
+def _next_id(txn: Any, db: Any) -> int:
+    """The next free fingerprint id: ``fp_next``, or past every id in use when that row
+    is damaged (reusing an id would serve another source's records)."""
+    nxt = _loads(txn.get(b"fp_next", db=db))
+    used = [v["id"] for k, v in ((bytes(k), _loads(v)) for k, v in txn.cursor(db=db))
+            if k.startswith(b"fp:") and _fp_row(v)]
+    if type(nxt) is int and _valid_id(nxt) and all(i < nxt for i in used):
+        return nxt
+    return max(used, default=0) + 1

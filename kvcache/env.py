@@ -200,6 +200,9 @@ def read_identity(path: str) -> dict[str, Any]:
             ) from None
         raise NotACacheError(f"{path}: data.mdb is not an LMDB file") from None
     except lmdb.Error as exc:
+        if ours:
+            raise CacheCorruptError(f"{path}: cannot open the damaged cache ({exc}); "
+                                    f"run `kvcache verify --repair {path}`") from None
         raise NotACacheError(f"{path}: cannot open as a cache ({exc})") from None
     try:
         if not size_guard_ok(env, path):
@@ -207,9 +210,13 @@ def read_identity(path: str) -> dict[str, Any]:
             env = None
             check_extent_in_child(path)  # raises CacheCorruptError if a page is past EOF
             env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
+        damaged = (f"{path}: a damaged kvcache cache (its info table or format row is unreadable); "
+                   f"recover it with `kvcache verify --repair {path}` or delete it")
         try:
             info_db = env.open_db(b"info", create=False)
         except lmdb.Error:
+            if ours or _has_kvcache_tables(env):
+                raise CacheCorruptError(damaged) from None
             raise NotACacheError(
                 f"{path} is an LMDB environment but not a kvcache cache (no info table)"
             ) from None
@@ -217,11 +224,15 @@ def read_identity(path: str) -> dict[str, Any]:
             raw = txn.get(b"format")
             pub = txn.get(b"published")
         if raw is None:
+            if ours or _has_kvcache_tables(env):
+                raise CacheCorruptError(damaged)
             raise NotACacheError(f"{path} is an LMDB environment but not a kvcache cache")
         try:
             fmt = json.loads(raw)
         except ValueError:
-            raise CacheCorruptError(f"{path}: the cache's format row is unreadable") from None
+            raise CacheCorruptError(damaged) from None
+        if not isinstance(fmt, dict):
+            raise CacheCorruptError(damaged)
     except lmdb.Error as exc:
         raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
     finally:
@@ -238,6 +249,15 @@ def read_identity(path: str) -> dict[str, Any]:
             "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
         )
     return fmt
+
+
+def _has_kvcache_tables(env: Any) -> bool:
+    """Whether the main database names a table only kvcache creates (damage elsewhere)."""
+    try:
+        with env.begin() as txn:
+            return any(bytes(k) in (b"samples", b"meta") for k, _ in txn.cursor())
+    except lmdb.Error:
+        return True  # an unreadable main database in a file that opened: damage
 
 
 def _take_shared_lock(path: str) -> int | None:

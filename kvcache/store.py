@@ -251,20 +251,48 @@ class Store:
     # -- info rows
 
     def info_get(self, key: bytes) -> Any:
+        """The JSON value of info row ``key`` (None when absent).
+
+        Raises:
+            CacheCorruptError: the row (or the tree above it) is damaged.
+        """
         e = self.handle()
         with self.begin(e.info) as txn:
-            raw = txn.get(key)
-            return None if raw is None else json.loads(bytes(raw))
+            try:
+                raw = txn.get(key)
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
+            if raw is None:
+                return None
+            try:
+                return json.loads(bytes(raw))
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                raise self.damaged_row(key) from None
+
+    def damaged_row(self, key: bytes) -> CacheCorruptError:
+        """The error for an info row that does not hold what kvcache wrote there."""
+        name = key.decode("ascii", "replace")
+        return CacheCorruptError(
+            f"{self.path}: the cache's {name!r} info row is damaged; run `kvcache verify --repair "
+            f"{self.path}` (a dataset with its source rebuilds it on open), or delete the cache")
 
     def info_items(self) -> dict[str, Any]:
+        """Every info row decoded (a row that is not valid JSON maps to None).
+
+        Raises:
+            CacheCorruptError: the info table is damaged.
+        """
         e = self.handle()
         out: dict[str, Any] = {}
         with self.begin(e.info) as txn:
-            for k, v in txn.cursor():
-                try:
-                    out[bytes(k).decode()] = json.loads(bytes(v))
-                except ValueError:
-                    out[bytes(k).decode(errors="replace")] = None
+            try:
+                for k, v in txn.cursor():
+                    try:
+                        out[bytes(k).decode()] = json.loads(bytes(v))
+                    except ValueError:
+                        out[bytes(k).decode(errors="replace")] = None
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
         return out
 
     def tally(self) -> Tally:

@@ -61,8 +61,9 @@ class CacheView(Mapping):
         s = self.store
         e = s.handle()
         items = s.info_items()
-        fmt = items.get("format") or {}
-        cur = items.get("current")
+        fmt = items.get("format")
+        fmt = fmt if isinstance(fmt, dict) else {}
+        cur = catalog.current(s)  # CacheCorruptError when damaged
         fps = catalog.fingerprints(s)
         try:
             with s.begin(e.samples) as txn:
@@ -78,7 +79,7 @@ class CacheView(Mapping):
             fingerprint=fp, fingerprints=fps, entries=entries, total_bytes=s.tally().bytes,
             file_bytes=s.used_bytes(), map_size=max(envinfo["map_size"], int(items.get("map_size") or 0)),
             source_length=cur.get("length") if cur else None, created=fmt.get("created"),
-            last_written=items.get("last_written"),
+            last_written=items.get("last_written") if isinstance(items.get("last_written"), float) else None,
         )
 
     def _indices(self) -> list[int]:

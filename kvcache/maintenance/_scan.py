@@ -64,7 +64,13 @@ def _identity(env: Any) -> tuple[dict | None, dict | None, str | None]:
         fmt, cur = txn.get(b"format"), txn.get(b"current")
     if fmt is None:
         return None, None, "not_a_cache"
-    return json.loads(fmt), (json.loads(cur) if cur else None), None
+    try:
+        fmt, cur = json.loads(fmt), (json.loads(cur) if cur else None)
+    except ValueError:
+        return None, None, "damaged"
+    if not isinstance(fmt, dict) or not (cur is None or isinstance(cur, dict)):
+        return None, None, "damaged"
+    return fmt, cur, None
 
 
 # Storage widths of the torch dtypes numpy lacks (every other one is layout.TORCH_NATIVE).
@@ -213,6 +219,12 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
         info = src.open_db(b"info", create=False)
         with src.begin(db=info) as txn, out.begin(write=True, db=o_info) as otxn:
             for k, v in txn.cursor():
+                try:
+                    value = json.loads(bytes(v))
+                except ValueError:
+                    continue  # a damaged row is left out (the next writer rebuilds it)
+                if bytes(k) in (b"format", b"current") and not isinstance(value, dict):
+                    continue
                 otxn.put(bytes(k), bytes(v))
     except lmdb.Error as exc:
         _emit({"error": f"info: {exc}"})
