@@ -42,7 +42,6 @@ from .errors import (
     NetworkFilesystemError,
     NotACacheError,
 )
-from .extent import check_extent_in_child, size_guard_ok
 from .lockfree import (
     ALLOW_NETWORK_WRITES_ENV,
     NoEnvironment,
@@ -52,13 +51,14 @@ from .lockfree import (
     published_note,
 )
 from .mounts import FsInfo, filesystem_of
+from .structure import STAMP_NAME, remember, validated
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
            "is_readonly_error", "open_env", "opened_here", "read_identity", "release_env"]
 
 FORMAT_VERSION = 1
 LOCK_NAME = "kvcache.lock"
-_OWN_FILES = {"data.mdb", "lock.mdb", LOCK_NAME}
+_OWN_FILES = {"data.mdb", "lock.mdb", LOCK_NAME, STAMP_NAME}
 DEFAULT_MAP_SIZE = 1 << 30
 
 
@@ -163,7 +163,7 @@ def classify(path: str) -> str:
                 return "new"  # kvcache created it and was stopped before the first commit
             raise NotACacheError(f"{path}: data.mdb is empty and kvcache did not create it")
         return "existing"
-    if names <= {LOCK_NAME, "lock.mdb"}:
+    if names <= {LOCK_NAME, "lock.mdb", STAMP_NAME}:
         return "new"
     others = ", ".join(sorted(names - _OWN_FILES)[:5])
     raise NotACacheError(
@@ -190,6 +190,9 @@ def read_identity(path: str) -> dict[str, Any]:
         except lmdb.Error as exc:
             raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
     ours = os.path.exists(os.path.join(path, LOCK_NAME))
+    # Before LMDB reads a page: a damaged page reference can kill the process (SIGBUS,
+    # SIGSEGV, SIGABRT) inside LMDB. Walked once per version of the file (kvcache.structure).
+    walked = validated(path)
     try:
         env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
     except lmdb.InvalidError as exc:
@@ -205,11 +208,6 @@ def read_identity(path: str) -> dict[str, Any]:
                                     f"run `kvcache verify --repair {path}`") from None
         raise NotACacheError(f"{path}: cannot open as a cache ({exc})") from None
     try:
-        if not size_guard_ok(env, path):
-            env.close()
-            env = None
-            check_extent_in_child(path)  # raises CacheCorruptError if a page is past EOF
-            env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
         damaged = (f"{path}: a damaged kvcache cache (its info table or format row is unreadable); "
                    f"recover it with `kvcache verify --repair {path}` or delete it")
         try:
@@ -248,6 +246,7 @@ def read_identity(path: str) -> dict[str, Any]:
             f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
             "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
         )
+    remember(path, walked)  # a kvcache cache whose structure was walked: stamp it
     return fmt
 
 
@@ -489,6 +488,8 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
                 recorded = int(raw) if raw else 0
             if recorded > env.info()["map_size"]:
                 env.set_mapsize(recorded)  # open with max(configured, recorded)
+            if state == "new":  # nothing but kvcache has written it: stamp it now (it is tiny)
+                remember(path, validated(path))
         if creating and e.lock_fd is not None:
             fcntl.flock(e.lock_fd, fcntl.LOCK_SH)  # created: let the others in
     except lmdb.Error as exc:

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 import lmdb
 
-from . import codec
+from . import codec, structure
 from .env import (
     FORMAT_VERSION,
     LOCK_NAME,
@@ -384,7 +384,11 @@ class Store:
             while True:
                 try:
                     with e.env.begin(write=True) as txn:
-                        return fn(txn)
+                        # under LMDB's writer lock: was the file as validated before this write?
+                        trusted = structure.stamp_matches(self.path)
+                        out = fn(txn)
+                    structure.restamp(self.path, trusted)  # committed: stamp the new version
+                    return out
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.MapResizedError:
