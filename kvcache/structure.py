@@ -221,8 +221,8 @@ class _Walk:
         stack = [(root, 1)]
         while stack:
             pgno, level = stack.pop()
-            self.mark(pgno)
             buf = self.fl.page(pgno)
+            self.mark(pgno)
             _pg, _pad, flags, lower, upper = _HDR.unpack_from(buf, 0)
             want = P_LEAF if level == depth else P_BRANCH
             if flags & (P_BRANCH | P_LEAF | P_OVERFLOW) != want or flags & ~(P_BRANCH | P_LEAF | 0x10):
@@ -262,7 +262,7 @@ class _Walk:
     def overflow(self, pgno: int, dsize: int, kind: str) -> None:
         buf = self.fl.page(pgno)
         flags = _HDR.unpack_from(buf, 0)[2]
-        pages = struct.unpack_from("<I", buf, 12)[0]
+        pages = struct.unpack_from("<I", buf, 12)[0]  # mp_pages, over mp_lower/mp_upper
         if flags & ~0x10 != P_OVERFLOW or pages < 1:
             raise _Damage(f"{kind} database: page {pgno} is not the overflow page a value points to")
         psize = self.fl.psize

@@ -317,17 +317,25 @@ def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: f
 
 
 def table(recs: list[dict]) -> str:
+    """Kinds x outcomes; ``served`` counts seeds where the dataset with its source returned
+    every sample (not refused at open), ``repaired`` those where verify was clean after
+    ``verify --repair`` (both of the seeds that ran those steps)."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for r in recs:
-        counts[r["kind"]][r["outcome"]] += 1
+        c = counts[r["kind"]]
+        c[r["outcome"]] += 1
+        steps = r.get("steps", {})
+        c["served"] += steps.get("source", ["?"])[0] == "ok"
+        c["repaired"] += steps.get("verify after repair", ["?"])[0] == "ok"
     kinds = [k for k in KINDS if k in counts]
-    lines = ["| kind | seeds | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    cols = [*OUTCOMES, "served", "repaired"]
+    lines = ["| kind | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     total: Counter = Counter()
     for k in kinds:
         c = counts[k]
         total.update(c)
-        lines.append(f"| {k} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in OUTCOMES) + " |")
-    lines.append(f"| **all** | {sum(total.values())} | " + " | ".join(str(total[o]) for o in OUTCOMES) + " |")
+        lines.append(f"| {k} | {sum(c[o] for o in OUTCOMES)} | " + " | ".join(str(c[o]) for o in cols) + " |")
+    lines.append(f"| **all** | {sum(total[o] for o in OUTCOMES)} | " + " | ".join(str(total[o]) for o in cols) + " |")
     return "\n".join(lines)
 
 

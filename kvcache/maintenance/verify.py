@@ -12,6 +12,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import lmdb
+
+from .. import structure
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
 from ..store import KEY, Rows, Store, count_rows
@@ -129,6 +132,10 @@ def scan(path: str, progress: Progress | None = None) -> VerifyReport:
         raise NotACacheError(f"{path} is not a kvcache cache ({'; '.join(res['errors']) or 'no info table'})")
     rep.checked, rep.entries = res["checked"], res["entries"]
     rep.bad, rep.reasons, rep.orphans, rep.errors = res["bad"], res["reasons"], res["orphans"], res["errors"]
+    try:  # what opening checks first (it reads with pread: no signal can reach this process)
+        structure.validate(path)
+    except CacheCorruptError as exc:
+        rep.errors.append(f"structure: {exc}")
     rep.ok = not (rep.bad or rep.orphans or rep.errors)
     return rep
 
@@ -215,6 +222,11 @@ def _salvage(path: str) -> int:
 
 
 def _remove(path: str, indices: list[int], recount: bool = False) -> int:
+    """Delete ``indices`` in one transaction (and recount the tally with ``recount``).
+
+    Raises:
+        CacheCorruptError: LMDB met a damaged page (nothing was deleted).
+    """
     env = open_raw(path, write=True)
     try:
         dbs = [env.open_db(name, create=False) for name in (b"samples", b"meta", b"info")]
@@ -225,6 +237,8 @@ def _remove(path: str, indices: list[int], recount: bool = False) -> int:
                 n += sum(rows.delete(KEY.pack(i)))
             rows.save()
         return n
+    except lmdb.Error as exc:
+        raise CacheCorruptError(f"{path}: cannot delete the bad records ({exc})") from None
     finally:
         env.close()
 
@@ -266,12 +280,18 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
         rep.repaired = bool(rep.spot_repaired)
     else:
         with exclusive(path, "repair"):
-            if rep.signal or rep.errors:
+            removed = None
+            if not (rep.signal or rep.errors):
+                try:
+                    removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)),
+                                      recount=not rep.tally_ok)
+                except KvCacheError:  # deleting met a broken page: copy what is good instead
+                    removed = None
+            if removed is None:
                 rep.salvaged = _salvage(path)
                 rep.removed = max(rep.entries - rep.salvaged, 0)
             else:
-                rep.removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)),
-                                      recount=not rep.tally_ok)
+                rep.removed = removed
             rep.repaired = True
     rep.after = scan(path)
     _check_tally(rep.after)
