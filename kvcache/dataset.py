@@ -39,7 +39,6 @@ _ON_STALE = ("recompute", "reset", "error")
 _STALE = object()  # a record written by another fingerprint: treat as a miss
 _key = KEY.pack
 _decode = codec.decode
-_meta_fp = codec.meta_fp
 
 
 class LmdbCachedDataset(torch.utils.data.Dataset):

@@ -22,7 +22,6 @@ the caller opts in (``allow_network_writes=True`` or ``KVCACHE_ALLOW_NETWORK_WRI
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -51,6 +50,7 @@ from .lockfree import (
     published_note,
 )
 from .mounts import FsInfo, filesystem_of
+from .lmdb_errors import errno_of, is_readonly_error
 from .structure import STAMP_NAME, remember, validated
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
@@ -131,17 +131,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --------------------------------------------------------------------------- opening
-
-
-def errno_of(exc: BaseException) -> int | None:
-    code = getattr(exc, "errno", None) or getattr(exc, "code", None)
-    return code if isinstance(code, int) else None
-
-
-def is_readonly_error(exc: BaseException) -> bool:
-    if isinstance(exc, (lmdb.ReadonlyError, PermissionError)):
-        return True
-    return errno_of(exc) in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in str(exc)
 
 
 def classify(path: str) -> str:

@@ -1,16 +1,17 @@
 """The LMDB environment behind a cache: transactions, growth, batched writes.
 
-This module and :mod:`kvcache.env` make the library's LMDB calls and turn ``lmdb.Error``
-into kvcache errors (:func:`translate`), with two deliberate exceptions: the read path in
-:mod:`kvcache.dataset` begins its read transaction on the environment handle itself (a
-call through here is a measurable share of a cached read; it translates errors with
-:func:`translate`), and maintenance code opens LMDB directly where it holds
-``kvcache.lock`` exclusively or works on a private copy (``maintenance/_common.open_raw``,
-``publish``), or runs in a child process that a damaged file may kill
-(``maintenance/_scan``, which reports rather than raises).
+This module and :mod:`kvcache.env` make the library's LMDB calls, and
+:mod:`kvcache.lmdb_errors` turns ``lmdb.Error`` into kvcache errors (:func:`translate`),
+with two deliberate exceptions: the read path in :mod:`kvcache.dataset` begins its read
+transaction on the environment handle itself (a call through here is a measurable share
+of a cached read; it translates errors with :func:`translate`), and maintenance code opens
+LMDB directly where it holds ``kvcache.lock`` exclusively or works on a private copy
+(``maintenance/_common.open_raw``, ``publish``), or runs in a child process that a damaged
+file may kill (``maintenance/_scan``, which reports rather than raises).
+:mod:`kvcache.structure` reads ``data.mdb``'s pages with ``pread``, never through LMDB.
 
-One environment directory holds ``data.mdb``, ``lock.mdb`` and ``kvcache.lock``, with
-three named databases:
+One environment directory holds ``data.mdb``, ``lock.mdb``, ``kvcache.lock`` and
+``kvcache.valid`` (the structural stamp), with three named databases:
 
 * ``samples``: key (8-byte big-endian index) -> record (see :mod:`kvcache.codec`)
 * ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout; the
@@ -26,10 +27,8 @@ transaction.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 import struct
 import time
 from typing import Any, Iterable
@@ -42,8 +41,6 @@ from .env import (
     LOCK_NAME,
     Env,
     absent_env,
-    errno_of,
-    is_readonly_error,
     open_env,
     release_env,
 )
@@ -53,10 +50,9 @@ from .errors import (
     CacheCorruptError,
     CacheFullError,
     CacheReadOnlyError,
-    CacheWriteError,
-    KvCacheError,
     NetworkFilesystemError,
 )
+from .lmdb_errors import translate
 from .tally import NO_FP, TALLY_KEY, Tally
 
 __all__ = ["FORMAT_VERSION", "KEY", "LOCK_NAME", "Rows", "Store", "index_of", "key_of", "translate",
@@ -413,47 +409,3 @@ class Store:
             pass  # recording the size can itself hit the old limit; the next loop retries
         except lmdb.Error as exc:
             raise translate(exc, self.path) from None
-
-
-def _near_fsize_limit(path: str) -> bool:
-    """Whether this process's RLIMIT_FSIZE is what stopped a write to ``data.mdb``
-    (LMDB reports that as EIO on commit, like a full disk)."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if soft == resource.RLIM_INFINITY:
-            return False
-        return os.path.getsize(os.path.join(path, "data.mdb")) + (64 << 20) >= soft
-    except (OSError, ImportError, ValueError):
-        return False
-
-
-def translate(exc: lmdb.Error, path: str) -> KvCacheError:
-    """The kvcache error for an ``lmdb.Error`` met at ``path``."""
-    if isinstance(exc, lmdb.MapFullError):
-        return CacheFullError(f"{path}: map full ({exc})")
-    if is_readonly_error(exc):
-        return CacheReadOnlyError(f"{path}: not writable ({exc})")
-    code = errno_of(exc)
-    if code == errno.EFBIG:
-        return CacheWriteError(code, f"{path}: file size limit reached while writing the cache ({exc}; "
-                                     "RLIMIT_FSIZE / `ulimit -f`, or the filesystem's largest file)")
-    if code in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = shutil.disk_usage(path).free
-        except OSError:
-            free = -1
-        cause = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < (64 << 20) else "I/O error"
-        if cause == "I/O error" and _near_fsize_limit(path):
-            cause = "file size limit (RLIMIT_FSIZE / `ulimit -f`)"
-        return CacheWriteError(code, f"{path}: {cause} while writing the cache ({exc}; {free} bytes free)")
-    if isinstance(exc, lmdb.ReadersFullError):
-        return CacheBusyError(f"{path}: LMDB reader table full ({exc})")
-    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
-                        lmdb.CursorFullError, lmdb.PanicError, lmdb.BadRslotError)):
-        return CacheCorruptError(
-            f"{path}: the LMDB file is damaged ({type(exc).__name__}: {exc}); "
-            f"run `kvcache verify --repair {path}`"
-        )
-    return CacheWriteError(code or 0, f"{path}: LMDB error {type(exc).__name__}: {exc}")

@@ -1,0 +1,43 @@
+"""The damage fuzzer (tools/fuzz.py): no signal, hang, foreign exception or wrong sample.
+
+Each seed damages a copy of a small cache with one kind of damage and runs what a user
+or a tool does on it in a forked child (see the tool's docstring). The default run sweeps
+every kind briefly; the slow run covers 200 seeds without the DataLoader and CLI steps
+(``--quick``: they cost seconds a seed) and 36 seeds with every step. The 1,000-seed
+sweep reported in docs/reliability.md is ``tools/fuzz.py 1000``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FUZZ = os.path.join(ROOT, "tools", "fuzz.py")
+
+
+def _fuzz(*args: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, FUZZ, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    # exit 1 when any seed was a signal, hang, foreign exception or wrong sample
+    assert proc.returncode == 0, out[-6000:]
+    assert "| **all** |" in out, out[-3000:]
+    return out
+
+
+def test_fuzz_every_kind_briefly():
+    out = _fuzz("6", "--quick", "--start", "7000", timeout=300)
+    for kind in ("span", "bitflip", "zero_page", "copy_page", "truncate", "append"):
+        assert f"| {kind} | 1 |" in out, out
+
+
+@pytest.mark.slow
+def test_fuzz_200_seeds_quick():
+    _fuzz("200", "--quick", "--start", "100000", timeout=900)
+
+
+@pytest.mark.slow
+def test_fuzz_36_seeds_every_step():
+    _fuzz("36", "--start", "200000", timeout=900)
