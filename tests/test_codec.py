@@ -497,3 +497,22 @@ def test_npy_blob_loads_with_numpy_only():
     record, _, _ = encode({"t": t, "a": a, "s": "x"}, 1)
     check_npy_blobs({"t": t, "a": a, "s": "x"}, record)
     assert tensor_bytes(decode(record)["t"]) == t.contiguous().numpy().tobytes()
+
+
+def test_keyed_record_is_bound_to_its_index_and_unkeyed_records_still_read():
+    """A KEYED record (the checksum seeded with its index) fails under any other index:
+    a page of one record copied over another's is refused, not served as that sample.
+    Records written without an index (flags 0, caches made before) still decode."""
+    sample = (np.arange(12, dtype=np.int16), 3)
+    rec, _layout, _cs = codec.encode(sample, 1, 7)
+    assert struct.unpack_from("<I", rec, 4)[0] == codec.KEYED
+    assert np.array_equal(codec.decode(rec, True, None, 7)[0], sample[0])
+    for wrong in (8, 0, None):
+        with pytest.raises(CorruptRecordError):
+            codec.decode(rec, True, None, wrong)
+    assert codec.decode(rec, False)[1] == 3  # unverified reads (LRU, pending rows) need no index
+    old, _layout, _cs = codec.encode(sample, 1)
+    assert struct.unpack_from("<I", old, 4)[0] == 0
+    assert codec.decode(old, True, None, 123)[1] == 3 and codec.checksum_ok(old, 5)
+    moved = codec.with_fp(old, 2, 9)  # merge re-stamps a record for another cache's fingerprint
+    assert codec.read_header(moved)[0] == 2 and codec.checksum_ok(moved, 9) and not codec.checksum_ok(moved, 8)
