@@ -209,8 +209,16 @@ def child_steps(path: str, quick: bool) -> dict:
     def view() -> None:
         with kvcache.open_cache(path) as v:
             v.info()
-            keys = v.keys()
-            _items(s, "view", v.get, keys)
+            keys = list(v.keys())
+            _items(s, "view", v.__getitem__, keys)  # MissingSampleError / CorruptRecordError: refused
+
+            def get(i: int) -> Any:  # Mapping.get: the default (None) for a missing index
+                got = v.get(i)
+                if got is None:
+                    raise kvcache.MissingSampleError(f"{i}: get() gave the default")
+                return got
+
+            _items(s, "view", get, keys)
 
     s.run("view", view)
 
