@@ -161,9 +161,10 @@ def classify(path: str) -> str:
     )
 
 
-def read_identity(path: str) -> dict[str, Any]:
-    """Validate an existing cache without creating or changing a byte, and return its
-    ``format`` info row.
+def read_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
+    """Validate an existing cache without changing a byte, and return its ``format`` info
+    row. The one file it may create is the structural stamp (``kvcache.valid``), with
+    ``persist_stamp`` and never in a published cache.
 
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
@@ -235,7 +236,8 @@ def read_identity(path: str) -> dict[str, Any]:
             f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
             "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
         )
-    remember(path, walked)  # a kvcache cache whose structure was walked: stamp it
+    # a kvcache cache whose structure was walked: stamp it (a published one only in memory)
+    remember(path, walked, persist_stamp and not fmt.get("published"))
     return fmt
 
 
@@ -389,7 +391,7 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     fmt = None
     if state != "new":
         try:
-            fmt = read_identity(path)
+            fmt = read_identity(path, persist_stamp=not network)
         except BaseException:
             e.close()
             raise

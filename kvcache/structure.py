@@ -117,11 +117,13 @@ def validated(path: str) -> tuple | None:
     return ident, txnid
 
 
-def remember(path: str, walked: tuple | None) -> None:
-    """Stamp the version :func:`validated` walked (in memory, and in the sidecar file)."""
+def remember(path: str, walked: tuple | None, persist: bool = True) -> None:
+    """Stamp the version :func:`validated` walked: in memory, and with ``persist`` in the
+    sidecar file (not for a published or network cache, where nothing may be written)."""
     if walked is not None:
         _MEMO[path] = walked[0]
-        _write_stamp(path, *walked)
+        if persist:
+            _write_stamp(path, *walked)
 
 
 # --------------------------------------------------------------------------- the walk

@@ -3,6 +3,7 @@
     .venv/bin/python tools/fuzz.py 1000                    # every kind, seeds 0..999
     .venv/bin/python tools/fuzz.py 200 --kind span,bitflip --start 5000
     .venv/bin/python tools/fuzz.py 50 --quick              # skip the DataLoader and CLI steps
+    .venv/bin/python tools/fuzz.py 0 --merge a.json b.json # one table from several --json runs
 
 A base cache is built once (200 samples: a uint8 3x32x32 tensor and an int label; every
 16th sample is a 3x48x48 tensor, so the file has overflow pages too). Each seed copies it,
@@ -356,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a seed counts as a hang")
     p.add_argument("--json", default=None, help="write every seed's record here")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--merge", nargs="+", default=None, help="print one table from these --json files")
     a = p.parse_args(argv)
+    if a.merge:
+        recs = [r for f in a.merge for r in json.load(open(f))]
+        seeds = sorted(r["seed"] for r in recs)
+        print(f"{len(recs)} seeds ({seeds[0]}..{seeds[-1]}) from {len(a.merge)} runs\n")
+        print(table(recs))
+        return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0
     kinds = [k for k in a.kind.split(",") if k]
     bad = set(kinds) - set(KINDS)
     if bad:
