@@ -45,7 +45,7 @@ print("ok")
 
 def used_bytes(env: Any) -> int:
     """What an open LMDB environment uses: ``(last_pgno + 1) * page size`` from its meta
-    page (the file may be longer: LMDB reuses an orphaned tail; shared/faults p01)."""
+    page (the file may be longer: LMDB reuses the tail a killed writer left behind)."""
     return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
 
 

@@ -1,7 +1,7 @@
 """``lmdb.Error`` -> the kvcache error that says what happened and what to do.
 
 The one place that reads py-lmdb's errors: errno values (LMDB reports a full disk as EIO
-on commit, shared/faults p04), read-only locations, and the damage classes.
+on commit), read-only locations, and the damage classes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 LMDB 0.9 trusts the page references it reads: a damaged one can make it touch a page
 past the end of the file (SIGBUS), past its map (SIGSEGV), or hit an assertion (SIGABRT)
-in a cursor walk (shared/faults p02; issue 11). No check of a value can prevent that, so
+in a cursor walk (observed with py-lmdb 3.0 / LMDB 0.9.36). No check of a value prevents it, so
 before a process trusts a file it has not seen validated, :func:`validate` walks every
 tree with plain ``pread`` calls (it cannot itself take a signal: it never maps the file)
 and refuses a file where
