@@ -50,10 +50,14 @@ __all__ = [
     "CODEC_VERSION",
     "HEADER",
     "HEADER_SIZE",
+    "HEAD_KEYED",
+    "HEAD_PLAIN",
     "KEYED",
     "LeafInfo",
     "META_ROW",
+    "PLANS",
     "StaleRecord",
+    "checksum",
     "checksum_ok",
     "decode",
     "describe_layout",
@@ -66,6 +70,7 @@ __all__ = [
     "meta_row_of",
     "read_header",
     "record_layout",
+    "unpack_head",
     "with_fp",
 ]
 
@@ -76,11 +81,13 @@ META_ROW = struct.Struct("<IQQ")
 _meta_unpack = META_ROW.unpack_from
 _META_SIZE = META_ROW.size
 
-_checksum = xxhash.xxh3_64_intdigest
-_unpack_head = struct.Struct("<QQII").unpack_from  # magic and flags read as one integer
-_HEAD = int.from_bytes(MAGIC + bytes(4), "little")
-_HEAD_KEYED = int.from_bytes(MAGIC + KEYED.to_bytes(4, "little"), "little")
-_plans = PLANS
+# The fast path's names, public for the one batch loop that inlines decode's steps
+# (LmdbCachedDataset.__getitems__; tests/test_getitems.py holds the two in lockstep):
+checksum = xxhash.xxh3_64_intdigest  # checksum(record[16:], seed): seed = index when KEYED, else 0
+unpack_head = struct.Struct("<QQII").unpack_from  # (magic+flags as one int, checksum, fp_id, layout_len)
+HEAD_PLAIN = int.from_bytes(MAGIC + bytes(4), "little")  # magic, flags 0
+HEAD_KEYED = int.from_bytes(MAGIC + KEYED.to_bytes(4, "little"), "little")  # magic, flags KEYED
+_checksum, _unpack_head, _HEAD, _HEAD_KEYED, _plans = checksum, unpack_head, HEAD_PLAIN, HEAD_KEYED, PLANS
 
 
 # --------------------------------------------------------------------------- metadata rows
@@ -208,9 +215,7 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None, index: int |
             raise LayoutError("bad record magic or flags")
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
-        body = 24 + layout_len
-        if body > len(buf):
-            raise LayoutError("layout runs past the record")
+        body = 24 + layout_len  # past the record: the slice is short, and no plan matches it
         lay = buf[24:body]
         try:
             # A read-only memoryview (what LMDB hands out) hashes and compares as its
