@@ -27,7 +27,8 @@ for i in range(N_OLD):
 assert ds.flush() >= 0 and ds.stats().writes == N_OLD, ds.stats()
 filler = os.path.join(os.path.dirname(path), "filler")
 if mode == "tmpfs":
-    with open(filler, "wb") as f:  # fill the filesystem to the last byte
+    with open(filler, "wb", buffering=0) as f:  # fill the filesystem to the last byte (unbuffered:
+        # a buffered file would raise ENOSPC again when it flushes on close)
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
