@@ -1,4 +1,7 @@
-"""Opening a cache's LMDB environment: path hygiene, identity, locks, fork safety.
+"""Opening a cache's LMDB environment: one per process and path, locks, fork safety.
+
+What is at the path (a new location, a cache, something else) and whether it is a
+kvcache cache this version reads is :mod:`kvcache.identity`'s job; this module opens it.
 
 Environments are opened lazily and at most once per process and path (py-lmdb refuses a
 second open), and shared by every Store on that path in the process. An environment
@@ -36,7 +39,6 @@ from .errors import (
     CacheBusyError,
     CacheCorruptError,
     CacheReadOnlyError,
-    IncompatibleCacheError,
     KvCacheWarning,
     NetworkFilesystemError,
     NotACacheError,
@@ -50,15 +52,13 @@ from .lockfree import (
     published_note,
 )
 from .mounts import FsInfo, filesystem_of
-from .lmdb_errors import errno_of, is_readonly_error
-from .structure import STAMP_NAME, remember, validated
+from .lmdb_errors import is_readonly_error
+from .identity import FORMAT_VERSION, LOCK_NAME, check_identity, classify
+from .structure import remember, validated
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
            "is_readonly_error", "open_env", "opened_here", "read_identity", "release_env"]
 
-FORMAT_VERSION = 1
-LOCK_NAME = "kvcache.lock"
-_OWN_FILES = {"data.mdb", "lock.mdb", LOCK_NAME, STAMP_NAME}
 DEFAULT_MAP_SIZE = 1 << 30
 
 
@@ -133,38 +133,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # --------------------------------------------------------------------------- opening
 
 
-def classify(path: str) -> str:
-    """``"new"`` (nothing there yet, or an empty directory) or ``"existing"``.
-
-    Raises:
-        NotACacheError: a plain file, or a directory that holds other things.
-    """
-    if not os.path.exists(path):
-        return "new"
-    if not os.path.isdir(path):
-        raise NotACacheError(
-            f"{path} is a file, not a cache directory; give the directory that holds data.mdb"
-        )
-    names = set(os.listdir(path))
-    if "data.mdb" in names:
-        if os.path.getsize(os.path.join(path, "data.mdb")) == 0:
-            if LOCK_NAME in names:
-                return "new"  # kvcache created it and was stopped before the first commit
-            raise NotACacheError(f"{path}: data.mdb is empty and kvcache did not create it")
-        return "existing"
-    if names <= {LOCK_NAME, "lock.mdb", STAMP_NAME}:
-        return "new"
-    others = ", ".join(sorted(names - _OWN_FILES)[:5])
-    raise NotACacheError(
-        f"{path} is not a kvcache cache: the directory holds other files ({others}); "
-        "give an empty or new directory"
-    )
-
-
 def read_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
-    """Validate an existing cache without changing a byte, and return its ``format`` info
-    row. The one file it may create is the structural stamp (``kvcache.valid``), with
-    ``persist_stamp`` and never in a published cache.
+    """Validate an existing cache without changing a byte and return its ``format`` info
+    row (:func:`kvcache.identity.check_identity`), through this process's environment
+    when it has the path open.
 
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
@@ -179,75 +151,7 @@ def read_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
                 return json.loads(bytes(txn.get(b"format")))
         except lmdb.Error as exc:
             raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
-    ours = os.path.exists(os.path.join(path, LOCK_NAME))
-    # Before LMDB reads a page: a damaged page reference can kill the process (SIGBUS,
-    # SIGSEGV, SIGABRT) inside LMDB. Walked once per version of the file (kvcache.structure).
-    walked = validated(path)
-    try:
-        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True, create=False)
-    except lmdb.InvalidError as exc:
-        if ours:
-            raise CacheCorruptError(
-                f"{path}: not a valid LMDB cache (meta pages damaged: {exc}); "
-                f"rebuild it with `kvcache verify --repair {path}` or delete the directory"
-            ) from None
-        raise NotACacheError(f"{path}: data.mdb is not an LMDB file") from None
-    except lmdb.Error as exc:
-        if ours:
-            raise CacheCorruptError(f"{path}: cannot open the damaged cache ({exc}); "
-                                    f"run `kvcache verify --repair {path}`") from None
-        raise NotACacheError(f"{path}: cannot open as a cache ({exc})") from None
-    try:
-        damaged = (f"{path}: a damaged kvcache cache (its info table or format row is unreadable); "
-                   f"recover it with `kvcache verify --repair {path}` or delete it")
-        try:
-            info_db = env.open_db(b"info", create=False)
-        except lmdb.Error:
-            if ours or _has_kvcache_tables(env):
-                raise CacheCorruptError(damaged) from None
-            raise NotACacheError(
-                f"{path} is an LMDB environment but not a kvcache cache (no info table)"
-            ) from None
-        with env.begin(db=info_db) as txn:
-            raw = txn.get(b"format")
-            pub = txn.get(b"published")
-        if raw is None:
-            if ours or _has_kvcache_tables(env):
-                raise CacheCorruptError(damaged)
-            raise NotACacheError(f"{path} is an LMDB environment but not a kvcache cache")
-        try:
-            fmt = json.loads(raw)
-        except ValueError:
-            raise CacheCorruptError(damaged) from None
-        if not isinstance(fmt, dict):
-            raise CacheCorruptError(damaged)
-    except lmdb.Error as exc:
-        raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
-    finally:
-        if env is not None:
-            env.close()
-    try:
-        fmt["published"] = json.loads(pub) if pub else None  # not part of the row: read with it
-    except ValueError:
-        fmt["published"] = {"unreadable": True}  # still published: never write it
-    if fmt.get("format") != "kvcache" or fmt.get("version") != FORMAT_VERSION or fmt.get("codec") != codec.CODEC_VERSION:
-        raise IncompatibleCacheError(
-            f"{path} was written by kvcache format {fmt.get('version')} / codec {fmt.get('codec')}; "
-            f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
-            "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
-        )
-    # a kvcache cache whose structure was walked: stamp it (a published one only in memory)
-    remember(path, walked, persist_stamp and not fmt.get("published"))
-    return fmt
-
-
-def _has_kvcache_tables(env: Any) -> bool:
-    """Whether the main database names a table only kvcache creates (damage elsewhere)."""
-    try:
-        with env.begin() as txn:
-            return any(bytes(k) in (b"samples", b"meta") for k, _ in txn.cursor())
-    except lmdb.Error:
-        return True  # an unreadable main database in a file that opened: damage
+    return check_identity(path, persist_stamp)
 
 
 def _take_shared_lock(path: str) -> int | None:

@@ -2,7 +2,7 @@
 
 This module and :mod:`kvcache.env` make the library's LMDB calls, and
 :mod:`kvcache.lmdb_errors` turns ``lmdb.Error`` into kvcache errors (:func:`translate`),
-with two deliberate exceptions: the read path in :mod:`kvcache.dataset` begins its read
+with two deliberate exceptions: the read path in :mod:`kvcache.reader` begins its read
 transaction on the environment handle itself (a call through here is a measurable share
 of a cached read; it translates errors with :func:`translate`), and maintenance code opens
 LMDB directly where it holds ``kvcache.lock`` exclusively or works on a private copy

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
 
 from .errors import CacheCorruptError
 
