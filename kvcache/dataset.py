@@ -174,6 +174,11 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"])
         length = None if src is None else len(src)
         res = catalog.resolve(self._store, parts, length, self._args["on_stale"])
+        if self._lru is not None and (res.fp_id != self._fp_id or res.reset):
+            # The LRU holds verified records of this source's fingerprint: they stay right
+            # across a reopen (after a build's workers forked, a compaction, a repair)
+            # unless the id they were read under changed.
+            self._lru.clear()
         self._fp_id = self._writer.fp_id = res.fp_id
         self._fp_read = -1 if res.fp_id is None else res.fp_id  # -1 matches no record
         if src is None:
@@ -188,8 +193,6 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             self._writer.disabled = e.readonly_reason  # buffering rows would only warn again
         if res.stale and res.reset:
             self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
-        if self._lru is not None:
-            self._lru.clear()
         self._env = e
         return e
 

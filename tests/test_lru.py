@@ -49,3 +49,23 @@ def test_dataset_keeps_large_records_out_of_its_lru(tmp_path):
         st = ds.stats()
         assert (st.hits, st.lru_hits) == (3 * 2 + 1, 1)
         assert len(ds._lru) == 1
+
+
+def test_lru_survives_a_parallel_build(tmp_path):
+    # build(num_workers=1) releases the environment before its workers fork; the next read
+    # reopens it. The LRU's records are this source's and stay right: it used to be
+    # cleared there, which the state machine caught as a missing lru_hit (at random).
+    from helpers import ImageSource, same
+
+    from kvcache import LmdbCachedDataset
+
+    src = ImageSource(40)
+    with LmdbCachedDataset(src, tmp_path / "c", lru_bytes=1 << 20) as ds:
+        ds[3]
+        ds.flush()
+        ds[3]  # read from LMDB into the LRU
+        assert ds.stats().lru_hits == 0
+        ds.build(num_workers=1)
+        assert same(ds[5], src[5])  # not in the LRU: this read reopens the environment
+        assert same(ds[3], src[3])
+        assert ds.stats().lru_hits == 1

@@ -151,7 +151,11 @@ def test_publish_onto_network_fs_and_read(net, local):
         assert all(same(ds[i], source[i]) for i in reversed(range(200)))
         assert ds.stats().hits == 200
         assert fs.counts().get("read", 0) == c1.get("read", 0)  # so the reads cost no round trip
-    assert 0 < c1.get("read", 0) - c0.get("read", 0) < 20
+    # Opening pays a bounded number of round trips: the structural validation's walk of
+    # the tree pages (one pread each; overflow pages are not read) and the prefetch's
+    # 128 KiB requests, fewer than the file's pages; after it, none (asserted above).
+    pages = os.path.getsize(os.path.join(backing, "pub", "data.mdb")) // 4096
+    assert 0 < c1.get("read", 0) - c0.get("read", 0) < pages
     r = CliRunner().invoke(cli, ["inspect", dest])
     assert "published:     yes" in r.output and "FUSE filesystem" in r.output, r.output
     assert tree_hashes(os.path.join(backing, "pub")) == before

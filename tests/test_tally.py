@@ -211,7 +211,12 @@ def test_publish_salvage_and_spot_check_repair_keep_the_tally(tmp_path):
     os.truncate(data, os.path.getsize(data) - 8 * 4096)
     rep = verify(path, repair=True)
     assert rep.repaired and rep.salvaged is not None and rep.ok, rep
-    assert assert_exact(path) == rep.salvaged
+    assert_exact(path)  # the salvaged file's tally describes exactly the rows it holds
+    true, _stored, _cur = walk(path)
+    # every salvaged record is counted under the fingerprint that wrote it; whether that
+    # is still the current one depends on whether the truncation took the info rows with
+    # it (the layout of the file's last pages varies with batch timing)
+    assert sum(rows for rows, _b, _l in true.values()) == rep.salvaged
 
 
 def test_verify_finds_and_repair_recounts_a_tally_that_lies(tmp_path):
