@@ -34,6 +34,9 @@ from .errors import CacheCorruptError
 __all__ = ["STAMP_NAME", "identity", "remember", "restamp", "stamp_matches", "validate", "validated"]
 
 STAMP_NAME = "kvcache.valid"
+# Files up to this size are read in one sequential pass and walked in memory (fewer, larger
+# reads: what a network filesystem needs); larger ones are walked with a pread per page.
+WHOLE_FILE_BYTES = 64 << 20
 MAGIC = 0xBEEFC0DE
 P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
 F_BIGDATA, F_SUBDATA = 0x01, 0x02
@@ -133,6 +136,26 @@ class _File:
         self.fd, self.size = fd, size
         self.psize = 4096
         self.last = 0
+        self.data: bytes | None = None  # the whole file, when it was read in one pass
+
+    def read_whole(self) -> None:
+        """Read the file in one sequential pass (1 MiB requests): over a network each
+        request is a round trip, and a walk that preads page by page pays one per tree
+        page; a few large reads cost fewer (docs/network.md counts them)."""
+        chunks, off = [], 0
+        while off < self.size:
+            chunk = os.pread(self.fd, min(1 << 20, self.size - off), off)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            off += len(chunk)
+        self.data = b"".join(chunks)
+        self.size = len(self.data)
+
+    def read(self, n: int, off: int) -> bytes:
+        if self.data is not None:
+            return self.data[off:off + n]
+        return os.pread(self.fd, n, off)
 
     def page(self, pgno: int) -> bytes:
         if not 2 <= pgno <= self.last:
@@ -140,7 +163,7 @@ class _File:
         off = pgno * self.psize
         if off + self.psize > self.size:
             raise _Damage(f"truncated: page {pgno} lies past the end of the file ({self.size} bytes)")
-        buf = os.pread(self.fd, self.psize, off)
+        buf = self.read(self.psize, off)
         if len(buf) != self.psize:
             raise _Damage(f"truncated: page {pgno} could not be read whole")
         if _U64.unpack_from(buf, 0)[0] != pgno:
@@ -185,6 +208,8 @@ def validate(path: str) -> int | None:
         m = max(metas, key=lambda x: x["txnid"])  # what LMDB picks
         fl = _File(fd, size)
         fl.psize, fl.last = psize, m["last"]
+        if size <= WHOLE_FILE_BYTES:
+            fl.read_whole()
         seen = bytearray((m["last"] >> 3) + 1) if m["last"] < 1 << 36 else None
         if seen is None:
             raise _Damage(f"the meta page's last page {m['last']} is absurd")
@@ -275,7 +300,7 @@ class _Walk:
         for p in range(pgno, end + 1):
             self.mark(p)
         if kind == "free":
-            self.free_list(os.pread(self.fl.fd, dsize, pgno * psize + 16), pgno)
+            self.free_list(self.fl.read(dsize, pgno * psize + 16), pgno)
 
     def free_list(self, ids: bytes, pgno: int) -> None:
         if len(ids) < 8 or len(ids) % 8:
