@@ -6,6 +6,7 @@ constructor's arguments, so a test can compare what the cache returns with ``exp
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -162,3 +163,22 @@ def reader_slots(path: str) -> int:
     with open_cache(path) as view:
         table = view.store.handle().env.readers()
     return len([line for line in table.splitlines()[1:] if line.strip()])
+
+
+def tree_hashes(path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative path (did anything change a byte?)."""
+    out = {}
+    for d, _dirs, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def records(path: str) -> dict[int, bytes]:
+    """Every raw record of the cache at ``path``, by index."""
+    from kvcache import open_cache
+
+    with open_cache(path) as v:
+        return {i: v.record(i) for i in v.keys()}

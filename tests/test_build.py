@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import BigSource, ImageSource, same
+from helpers import BigSource, ImageSource, records, same
 
 import kvcache
 from kvcache import BuildError, LmdbCachedDataset, open_cache
@@ -20,11 +20,6 @@ from kvcache.maintenance import verify
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 N = 300
-
-
-def records(path: str) -> dict[int, bytes]:
-    with open_cache(path) as v:
-        return {i: v.record(i) for i in v.keys()}
 
 
 @pytest.fixture(scope="module")

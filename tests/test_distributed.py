@@ -13,18 +13,13 @@ import time
 import pytest
 import torch.multiprocessing as tmp
 from _dist_helpers import DiesOnRank, build_rank
-from helpers import ImageSource, same
+from helpers import ImageSource, records, same
 
 from kvcache import BuildError, LmdbCachedDataset, open_cache
 from kvcache.maintenance import verify
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 N = 241  # odd: the ranks get shares of different sizes
-
-
-def records(path: str) -> dict[int, bytes]:
-    with open_cache(path) as v:
-        return {i: v.record(i) for i in v.keys()}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ read any cache there lock-free, and serve correct samples from many process tree
 Skips where FUSE is unavailable (no /dev/fuse, fusermount3 or mfusepy).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,9 +15,8 @@ import textwrap
 import warnings
 
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import ImageSource
+from helpers import ImageSource, same, tree_hashes
 
 import kvcache
 from kvcache.cli import cli
@@ -29,20 +27,6 @@ from kvcache.store import Store
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 import netsim  # noqa: E402
-
-
-def same(a, b):
-    return torch.equal(a[0], b[0]) and a[1] == b[1]
-
-
-def tree_hashes(path):
-    out = {}
-    for d, _dirs, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture

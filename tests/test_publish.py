@@ -1,7 +1,6 @@
 """kvcache.publish and reading published caches lock-free (local disk; the same through
 a simulated network filesystem is in test_network.py)."""
 
-import hashlib
 import json
 import os
 import warnings
@@ -9,7 +8,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ImageSource
+from helpers import ImageSource, same, tree_hashes
 
 import kvcache
 from kvcache.cli import cli
@@ -18,20 +17,6 @@ from kvcache.maintenance import compact, gc, inspect_cache, verify
 
 def invoke(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def same(a, b):
-    return torch.equal(a[0], b[0]) and a[1] == b[1]
-
-
-def tree_hashes(path):
-    out = {}
-    for d, _dirs, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture
