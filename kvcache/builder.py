@@ -6,6 +6,10 @@ The one implementation behind ``LmdbCachedDataset.build(num_workers=N)`` and
 alone writes them, one transaction per batch, so a Ctrl-C or a kill leaves every
 committed batch in place and nothing half-written, and a rerun skips what is cached.
 
+A build is given a :class:`BuildJob` (the source, its fingerprint's parts, and how to
+open the cache it fills), never the dataset: ``kvcache.dataset`` imports this module,
+and this module imports nothing that imports it back.
+
 The writer never starves the workers: each worker has a few tasks queued ahead of it
 (``INFLIGHT`` per worker, bounded, so memory stays flat however fast the workers are),
 a task is sized to about ``TASK_SECONDS`` of the source's time (measured as results
@@ -40,8 +44,8 @@ from .progress import Progress, progress_for
 from .stats import BuildReport
 from .store import KEY, Store
 
-__all__ = ["BATCH_ITEMS", "Filled", "Sink", "build", "cached_set", "encode_rows", "fill", "missing",
-           "sample_cached", "start_method", "warn_too_large"]
+__all__ = ["BATCH_ITEMS", "BuildJob", "Filled", "Sink", "Target", "build", "cached_set", "check_job",
+           "encode_rows", "fill", "missing", "sample_cached", "start_method", "warn_too_large"]
 
 BATCH_ITEMS = 4096  # records per write transaction (a commit costs an fsync)
 BATCH_BYTES = 64 << 20
@@ -351,39 +355,81 @@ def warn_too_large(path: str, big: list[int], max_bytes: int, total: int | None 
             f"max_sample_bytes={max_bytes}; they are served uncached")), KvCacheWarning, stacklevel=3)
 
 
-def build(ds: Any, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
-          source_factory: Callable[[], Any] | None = None, distributed: bool = False) -> BuildReport:
-    """Fill every index of ``ds`` (an ``LmdbCachedDataset`` with a source) that is not
-    cached yet; see ``LmdbCachedDataset.build`` (which raises KeyboardInterrupt where
-    this returns ``interrupted``)."""
-    if ds.source is None:
-        raise MissingSampleError(f"{ds.path}: build() needs a source dataset")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, not {num_workers}")
-    if distributed:
-        from .distributed import build as dist_build
+@dataclass
+class Target:
+    """The cache a build fills, as the parts a build needs of it (a build never sees the
+    dataset class: :class:`kvcache.dataset.LmdbCachedDataset` makes these)."""
 
-        return dist_build(ds, num_workers=num_workers, progress=progress, start_method=start_method,
-                          source_factory=source_factory)
-    t0 = time.perf_counter()
-    fp_id = ds.fingerprint_id
-    ds.flush()
-    n = len(ds)
-    if fp_id is None or not ds.store.writable:  # read-only, published, or on a network filesystem
-        raise CacheReadOnlyError(ds.store.handle().readonly_reason or (
-            f"{ds.path}: the cache cannot be written here; build() needs a writable cache "
+    path: str
+    store: Store
+    fp_id: int | None  # the id the source's records carry; None: it cannot write here
+    length: int  # indices to fill: range(length)
+    max_sample_bytes: int  # records over this are served uncached, not written
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What a build is given: the source, what identifies it, and how to open its cache.
+
+    ``open`` writes whatever the opener has buffered and resolves the source's
+    fingerprint id, then returns the :class:`Target`; a build calls it once (under a
+    distributed build, on rank 0 alone: the other ranks never open the cache).
+    """
+
+    source: Any
+    path: str
+    parts: dict[str, Any] | None  # the fingerprint's parts: ranks compare their digest
+    open: Callable[[], Target]
+
+
+def _open_writable(job: BuildJob) -> Target:
+    """Open ``job``'s cache for a build.
+
+    Raises:
+        CacheReadOnlyError: read-only, published, or on a network filesystem.
+    """
+    t = job.open()
+    if t.fp_id is None or not t.store.writable:
+        raise CacheReadOnlyError(t.store.handle().readonly_reason or (
+            f"{t.path}: the cache cannot be written here; build() needs a writable cache "
             "(readonly=False, a writable local directory)"))
-    todo = missing(ds.store, fp_id, n)
+    return t
+
+
+def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+          source_factory: Callable[[], Any] | None = None) -> BuildReport:
+    """Fill every index of ``job``'s cache that is not cached yet, in this process and
+    ``num_workers`` workers; see ``LmdbCachedDataset.build`` (which raises
+    KeyboardInterrupt where this returns ``interrupted``; ``distributed=True`` is
+    :func:`kvcache.distributed.build`).
+
+    Raises:
+        MissingSampleError: no source. CacheReadOnlyError: the cache cannot be written.
+        BuildError: a worker died.
+    """
+    check_job(job, num_workers)
+    t0 = time.perf_counter()
+    t = _open_writable(job)
+    n = t.length
+    todo = missing(t.store, t.fp_id, n)
     bar = progress_for(progress, "build")
     if bar is not None:
         bar.start(len(todo))
     try:
-        done = fill(ds.source, Sink(ds.store, fp_id, bar), todo, workers=num_workers,
-                    max_bytes=ds.max_sample_bytes, method=start_method, source_factory=source_factory)
+        done = fill(job.source, Sink(t.store, t.fp_id, bar), todo, workers=num_workers,
+                    max_bytes=t.max_sample_bytes, method=start_method, source_factory=source_factory)
     finally:
         if bar is not None:
             bar.finish()
-    warn_too_large(ds.path, done.too_large, ds.max_sample_bytes)
-    return BuildReport(n, done.written, n - len(todo), time.perf_counter() - t0, path=ds.path,
+    warn_too_large(t.path, done.too_large, t.max_sample_bytes)
+    return BuildReport(n, done.written, n - len(todo), time.perf_counter() - t0, path=t.path,
                        workers=max(num_workers, 1), interrupted=done.interrupted,
                        too_large=len(done.too_large))
+
+
+def check_job(job: BuildJob, num_workers: int) -> None:
+    """Raises MissingSampleError (no source) or ValueError (a negative ``num_workers``)."""
+    if job.source is None:
+        raise MissingSampleError(f"{job.path}: build() needs a source dataset")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, not {num_workers}")

@@ -15,9 +15,8 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from . import catalog, codec
+from . import builder, catalog, codec
 from .errors import KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
-from .builder import cached_set, sample_cached
 from .fingerprint import compute_parts
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
@@ -299,13 +298,25 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             written. BuildError: a worker or rank died (committed batches are kept).
             KeyboardInterrupt: after Ctrl-C, once what was computed is written.
         """
-        from .builder import build
-
-        rep = build(self, num_workers=num_workers, progress=progress, distributed=distributed,
-                    start_method=start_method, source_factory=source_factory)
+        if distributed:
+            from .distributed import build as run  # torch.distributed: only when asked
+        else:
+            run = builder.build
+        rep = run(self.build_job(), num_workers=num_workers, progress=progress,
+                  start_method=start_method, source_factory=source_factory)
         if rep.interrupted:
             raise KeyboardInterrupt
         return rep
+
+    def build_job(self) -> builder.BuildJob:
+        """This dataset as a build sees it: its source, fingerprint parts and path, and a
+        callable that opens it for the build (for kvcache's build code; not a stable API)."""
+        return builder.BuildJob(self.source, self.path, self.fingerprint_parts, self._build_target)
+
+    def _build_target(self) -> builder.Target:
+        fp_id = self.fingerprint_id  # opens this process's environment
+        self.flush()  # what __getitem__ buffered is cached before the build looks
+        return builder.Target(self.path, self._store, fp_id, len(self), self.max_sample_bytes)
 
     @property
     def store(self) -> Store:
@@ -331,13 +342,13 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         """Indices whose record was written by this source's fingerprint (one cursor
         pass over the metadata rows: O(n) by nature, it returns n items)."""
         self._handle()
-        return cached_set(self._store, self._fp_id)
+        return builder.cached_set(self._store, self._fp_id)
 
     def random_cached(self, k: int, rng: random.Random | None = None) -> list[int]:
         """``k`` distinct random cached indices (fewer if fewer are cached), found by
         probing random rows: a spot check costs the same at 10^4 and 10^7 samples."""
         self._handle()
-        return sample_cached(self._store, self._fp_id, len(self), k, rng or random.Random())
+        return builder.sample_cached(self._store, self._fp_id, len(self), k, rng or random.Random())
 
     def close(self) -> None:
         """Flush buffered writes and release this process's environment (idempotent)."""

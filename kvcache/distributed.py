@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .builder import Sink, fill, missing, warn_too_large
+from .builder import BuildJob, Sink, Target, check_job, fill, missing, warn_too_large
 from .errors import BuildError, CacheReadOnlyError, KvCacheError
-from .fingerprint import compute_parts, digest
+from .fingerprint import digest
 from .progress import progress_for
 from .stats import BuildReport
 
@@ -53,38 +53,38 @@ def _group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build(ds: Any, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
           source_factory: Callable[[], Any] | None = None) -> BuildReport:
-    """Every rank calls this with its own ``LmdbCachedDataset`` on the same source and path."""
+    """Every rank calls this with its own :class:`~kvcache.builder.BuildJob` for the same
+    source and path (``LmdbCachedDataset.build(distributed=True)`` makes one); rank 0
+    alone opens the cache (``job.open``).
+
+    Raises:
+        MissingSampleError: no source. BuildError: no process group, ranks with different
+        sources, a rank died. CacheReadOnlyError: rank 0 cannot write the cache.
+    """
+    check_job(job, num_workers)
     rank, _world = _group()
-    return _run(ds.source, digest(ds.fingerprint_parts), ds.path, ds if rank == 0 else None,
+    return _run(job.source, digest(job.parts), job.path, job.open if rank == 0 else None,
                 num_workers=num_workers, progress=progress, start_method=start_method,
                 source_factory=source_factory)
 
 
-def build_source(source: Any, path: str | os.PathLike, *, version: str | int | None = None,
-                 num_workers: int = 0, progress: Any = False, start_method: str | None = None,
+def build_source(job: BuildJob, *, num_workers: int = 0, progress: Any = False,
+                 start_method: str | None = None,
                  source_factory: Callable[[], Any] | None = None) -> BuildReport:
-    """``kvcache build --distributed``: initialise the process group from torchrun's
-    environment if needed (gloo); only rank 0 opens ``path``."""
+    """``kvcache build --distributed``: :func:`build`, first initialising the process group
+    from torchrun's environment if needed (gloo), and destroying it after."""
     own = not (dist.is_available() and dist.is_initialized())
     if own:
         if "RANK" not in os.environ:
             raise BuildError("--distributed runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR are unset); "
                              "e.g. `torchrun --nproc-per-node 4 -m kvcache build SPEC PATH --distributed`")
         dist.init_process_group("gloo")
-    ds = None
     try:
-        if dist.get_rank() == 0:
-            from .dataset import LmdbCachedDataset
-
-            ds = LmdbCachedDataset(source, path, version=version)  # an error here reaches every rank
-        return _run(source, digest(compute_parts(source, version, None)), os.path.abspath(os.fspath(path)),
-                    ds, num_workers=num_workers, progress=progress, start_method=start_method,
-                    source_factory=source_factory)
+        return build(job, num_workers=num_workers, progress=progress, start_method=start_method,
+                     source_factory=source_factory)
     finally:
-        if ds is not None:
-            ds.close()
         if own:
             dist.destroy_process_group()
 
@@ -174,22 +174,24 @@ class Exchange:
             self.writer.flush()
 
 
-def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress: Any,
+def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | None, *, num_workers: int, progress: Any,
          start_method: str | None, source_factory: Callable[[], Any] | None) -> BuildReport:
     rank, world = _group()
     t0 = time.perf_counter()
     head: list[Any] = [None]
     todo = np.empty(0, dtype=np.int64)
     failure: BaseException | None = None
-    if rank == 0:
+    target: Target | None = None
+    if open_target is not None:  # rank 0
         try:
-            fp_id = ds.fingerprint_id
-            ds.flush()
-            if fp_id is None or not ds.store.writable:
-                raise CacheReadOnlyError(ds.store.handle().readonly_reason
+            target = open_target()
+            fp_id = target.fp_id
+            if fp_id is None or not target.store.writable:
+                raise CacheReadOnlyError(target.store.handle().readonly_reason
                                          or f"{path}: the cache cannot be written on rank 0's machine")
-            todo = missing(ds.store, fp_id, len(ds))
-            head[0] = {"fp_id": fp_id, "n": len(ds), "todo": len(todo), "max_bytes": ds.max_sample_bytes}
+            todo = missing(target.store, fp_id, target.length)
+            head[0] = {"fp_id": fp_id, "n": target.length, "todo": len(todo),
+                       "max_bytes": target.max_sample_bytes}
         except (KvCacheError, OSError, ValueError) as exc:
             failure, head[0] = exc, {"error": f"{type(exc).__name__}: {exc}"}
     dist.broadcast_object_list(head, src=0)
@@ -211,7 +213,7 @@ def _run(source: Any, dg: str, path: str, ds: Any, *, num_workers: int, progress
     bar = progress_for(progress, "build") if rank == 0 else None
     if bar is not None:
         bar.start(h["todo"])
-    writer = Sink(ds.store, h["fp_id"], bar) if rank == 0 else None
+    writer = Sink(target.store, h["fp_id"], bar) if target is not None else None
     ex = Exchange(writer, path, h["fp_id"], len(share))
     interrupted = ok = False
     try:

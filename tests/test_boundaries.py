@@ -137,3 +137,89 @@ def test_the_check_sees_a_private_reach(tmp_path):
     assert any(isinstance(n, ast.ImportFrom) and _private(n.names[0].name) for n in ast.walk(tree))
     assert _defined(ast.parse("class A:\n    __slots__ = ('_a',)\n    def f(self, _b):\n        self._c = 1\n")) \
         == {"_a", "_b", "_c"}
+
+
+def imports() -> dict[str, set[str]]:
+    """Which kvcache modules each kvcache module imports, lazy imports (inside functions)
+    included: ``{"kvcache/dataset.py": {"kvcache/builder.py", ...}}``."""
+    mods = _modules()
+    out: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, tree in mods.items():
+        pkg = os.path.dirname(mod).split("/")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg[: len(pkg) - node.level + 1] + (node.module.split(".") if node.module else [])
+                elif (node.module or "").split(".")[0] == "kvcache":
+                    base = node.module.split(".")
+                else:
+                    continue
+                for alias in node.names:  # `from . import codec` names a module; `from .codec import x` its file
+                    for cand in ("/".join(base + [alias.name]) + ".py", "/".join(base) + ".py",
+                                 "/".join(base) + "/__init__.py"):
+                        if cand in mods:
+                            out[mod].add(cand)
+                            break
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    cand = alias.name.replace(".", "/") + ".py"
+                    if cand in mods:
+                        out[mod].add(cand)
+        out[mod].discard(mod)
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or round a loop (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_dependencies_point_one_way():
+    """No kvcache module imports one that imports it back, even lazily inside a function
+    (a lazy import hides a cycle from Python, not from the design): the package's
+    modules form a DAG. ``kvcache/__init__.py`` is the table of contents and imports
+    many; nothing inside the package imports it."""
+    graph = imports()
+    assert not cycles(graph), "modules importing each other (make the dependency point one way):\n" + \
+        "\n".join(" <-> ".join(c) for c in cycles(graph))
+
+
+def test_builds_are_given_the_datasets_parts_not_the_dataset():
+    """builder.py and distributed.py receive a BuildJob; they never import the dataset."""
+    graph = imports()
+    for mod in ("kvcache/builder.py", "kvcache/distributed.py"):
+        assert "kvcache/dataset.py" not in graph[mod], mod
+    assert "kvcache/distributed.py" not in graph["kvcache/builder.py"]  # dataset chooses distributed
+    assert "kvcache/builder.py" in graph["kvcache/dataset.py"]
+
+
+def test_the_cycle_check_sees_a_lazy_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -7,12 +7,17 @@ also makes the source in each worker under spawn (nothing is pickled).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..fingerprint import compute_parts
 from ..stats import BuildReport
 from .spec import load_spec
+
+if TYPE_CHECKING:
+    from ..builder import Target
 
 __all__ = ["BuildReport", "build"]
 
@@ -42,18 +47,23 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
         ValueError: a bad spec. NotACacheError, StaleCacheError, ...: as for opening
         an LmdbCachedDataset on ``path``. BuildError: a worker or rank died.
     """
-    from ..builder import build as run  # torch lives behind it; keep maintenance light
+    from ..builder import BuildJob, build as run  # torch lives behind it; keep maintenance light
+    from ..dataset import LmdbCachedDataset
 
     source = load_spec(spec)
     factory = functools.partial(load_spec, spec)
     num_workers = workers if workers > 1 else 0
-    if distributed:
+    kw = dict(num_workers=num_workers, progress=progress, start_method=start_method, source_factory=factory)
+    with contextlib.ExitStack() as opened:
+        if not distributed:
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version))
+            return run(ds.build_job(), **kw)
         from ..distributed import build_source
 
-        return build_source(source, path, version=version, num_workers=num_workers,
-                            progress=progress, start_method=start_method, source_factory=factory)
-    from ..dataset import LmdbCachedDataset
+        def open_target() -> Target:  # rank 0 alone opens (and creates) the cache
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version))
+            return ds.build_job().open()
 
-    with LmdbCachedDataset(source, path, version=version) as ds:
-        return run(ds, num_workers=num_workers, progress=progress, start_method=start_method,
-                   source_factory=factory)
+        job = BuildJob(source, os.path.abspath(os.fspath(path)), compute_parts(source, version, None),
+                       open_target)
+        return build_source(job, **kw)
