@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedSampleError,
 )
 from .maintenance.publish import PublishReport, publish
+from .pubrecord import matches_record, publish_record
 from .view import CacheInfo, CacheView, open_cache
 
 __version__ = "0.1.0"
@@ -50,6 +51,8 @@ __all__ = [
     "StaleCacheError",
     "UnsupportedSampleError",
     "__version__",
+    "matches_record",
     "open_cache",
     "publish",
+    "publish_record",
 ]

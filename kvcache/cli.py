@@ -206,6 +206,8 @@ def _verify_text(r: m.VerifyReport) -> str:
     if not r.tally_ok:
         lines.append("the stored count of records per source disagrees with the metadata rows "
                      f"(len(open_cache) and inspect are off); `kvcache verify --repair {r.path}` recounts it")
+    if r.published_record == "matches":
+        lines.append("published: data.mdb is byte for byte the version `kvcache publish` validated")
     if r.spot_checked:
         lines.append(f"spot check: {r.spot_checked} recomputed, {len(r.spot_mismatches)} differ"
                      + (f": {_list(r.spot_mismatches)}" if r.spot_mismatches else "")

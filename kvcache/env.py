@@ -1,7 +1,9 @@
 """Opening a cache's LMDB environment: one per process and path, locks, fork safety.
 
-What is at the path (a new location, a cache, something else) and whether it is a
-kvcache cache this version reads is :mod:`kvcache.identity`'s job; this module opens it.
+How a path is opened is decided once, by :func:`kvcache.opening.decide` (what is at the
+path, on which filesystem, and so which mode: create, locked, readonly, published,
+network, or damaged); this module takes ``kvcache.lock`` where it applies, asks for that
+decision, and opens LMDB the way the mode says (``Env.opening`` keeps the decision).
 
 Environments are opened lazily and at most once per process and path (py-lmdb refuses a
 second open), and shared by every Store on that path in the process. An environment
@@ -43,17 +45,11 @@ from .errors import (
     NetworkFilesystemError,
     NotACacheError,
 )
-from .lockfree import (
-    ALLOW_NETWORK_WRITES_ENV,
-    NoEnvironment,
-    network_refusal,
-    network_writes_allowed,
-    prefetch,
-    published_note,
-)
+from .lockfree import ALLOW_NETWORK_WRITES_ENV, NoEnvironment, cold_reads, prefetch, read_policy
 from .mounts import FsInfo, filesystem_of
 from .lmdb_errors import is_readonly_error
-from .identity import FORMAT_VERSION, LOCK_NAME, check_identity, classify
+from .identity import FORMAT_VERSION, LOCK_NAME, classify
+from .opening import Opening, decide, identify, on_network
 from .structure import remember, validated
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
@@ -69,7 +65,7 @@ class Env:
     """This process's one open environment for a path, shared by every Store on it."""
 
     __slots__ = ("path", "env", "samples", "meta", "info", "readonly", "lock_fd", "refs", "dead",
-                 "readonly_reason", "lock", "write_lock", "lockfree", "published", "fs")
+                 "readonly_reason", "lock", "write_lock", "lockfree", "published", "fs", "opening", "cold")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -85,6 +81,8 @@ class Env:
         self.lockfree = False  # opened read-only, lock=False: published, or on a network fs
         self.published: dict[str, Any] | None = None  # the cache's ``published`` info row
         self.fs: FsInfo | None = None
+        self.opening: Opening | None = None  # how it was opened (kvcache.opening.decide)
+        self.cold = False  # reads mostly miss the page cache: batches fetch their pages concurrently
 
     def close(self) -> None:
         self.dead = True
@@ -151,7 +149,7 @@ def read_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
                 return json.loads(bytes(txn.get(b"format")))
         except lmdb.Error as exc:
             raise CacheCorruptError(f"{path}: damaged cache ({type(exc).__name__}: {exc})") from None
-    return check_identity(path, persist_stamp)
+    return identify(path, persist_stamp)[0]
 
 
 def _take_shared_lock(path: str) -> int | None:
@@ -217,9 +215,10 @@ def release_env(e: Env) -> None:
                 del _REGISTRY[e.path]
 
 
-def _locked_state(path: str, e: Env, *, readonly: bool, create: bool) -> tuple[str, bool]:
-    """Classify ``path`` holding ``kvcache.lock`` (in ``e.lock_fd``): shared for an existing
-    cache, exclusive for one this process creates. Returns ``(state, creating)``.
+def _hold_lock(path: str, *, readonly: bool, create: bool) -> tuple[int | None, bool]:
+    """Take ``kvcache.lock`` before deciding how to open ``path`` (local disk, ``lock=True``):
+    shared for an existing cache, exclusive for one this process creates. Returns
+    ``(fd or None, creating)``.
 
     Processes that open a new path at once (the ranks of a job on one machine) would
     otherwise trip over each other: one sees the ``data.mdb`` another is initialising,
@@ -228,36 +227,31 @@ def _locked_state(path: str, e: Env, *, readonly: bool, create: bool) -> tuple[s
     lock, then finds a finished cache.
     """
     for attempt in range(1000):
-        state = classify(path)
-        if state == "new":
-            if readonly or not create:
-                raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
-            fd = _lock_fd(path)
-            if fd is None:  # cannot create the lock file: the create below reports why
-                return state, False
-            e.lock_fd = fd
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # another opener is creating it (or holds it shared): wait our turn
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            else:
-                state = classify(path)  # alone now: did someone finish creating it meanwhile?
-                if state == "new":
-                    return state, True
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            if classify(path) == "existing":
-                return "existing", False
-            os.close(fd)  # still new: the holder is another waiter; try again shortly
-            e.lock_fd = None
-            time.sleep(0.001 * (1 + attempt % 10))
-            continue
-        if os.path.exists(os.path.join(path, LOCK_NAME)):  # kvcache's (a foreign LMDB stays untouched)
-            e.lock_fd = _take_shared_lock(path)  # blocks while a creator or compact holds it
-        return classify(path), False
+        if classify(path) == "existing":
+            if not os.path.exists(os.path.join(path, LOCK_NAME)):
+                return None, False  # not kvcache's (a foreign LMDB stays untouched)
+            return _take_shared_lock(path), False  # blocks while a creator or compact holds it
+        if readonly or not create:
+            return None, False  # decide() refuses it
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
+        fd = _lock_fd(path)
+        if fd is None:  # cannot create the lock file: creating the cache reports why
+            return None, False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another opener is creating it (or holds it shared): wait our turn
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        else:
+            if classify(path) == "new":  # alone now: did someone finish creating it meanwhile?
+                return fd, True
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        if classify(path) == "existing":
+            return fd, False
+        os.close(fd)  # still new: the holder is another waiter; try again shortly
+        time.sleep(0.001 * (1 + attempt % 10))
     raise CacheBusyError(f"{path}: could not take kvcache.lock to create the cache")
 
 
@@ -268,58 +262,58 @@ def _lock_fd(path: str) -> int | None:
         return None
 
 
+# How each mode opens LMDB: (readonly, lock) attempts in order. A locked cache falls back
+# to read-only where the location turns out not to be writable after all (a lock.mdb
+# another user owns); read-only with the lock, then without it (a 0444 lock.mdb).
+_ATTEMPTS = {
+    "create": [(False, True)],
+    "locked": [(False, True), (True, True), (True, False)],
+    "readonly": [(True, True), (True, False)],
+    "published": [(True, False)],
+    "network": [(True, False)],
+}
+
+
 def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
               readahead: bool | None, max_readers: int, lock: bool, allow_network_writes: bool) -> Env:
-    fs = filesystem_of(path)
-    network = fs is not None and fs.network is not None and not network_writes_allowed(allow_network_writes)
     e = Env(path)
-    e.fs = fs
-    creating = False
-    if lock and not network:
-        try:
-            state, creating = _locked_state(path, e, readonly=readonly, create=create)
-        except BaseException:
-            e.close()
-            raise
-    else:
-        state = classify(path)
-        if state == "new":
-            if readonly or not create:
-                raise NotACacheError(f"{path}: no cache there (nothing to open read-only)")
-            if network:
-                raise NetworkFilesystemError(network_refusal(path, fs))  # type: ignore[arg-type]
+    try:
+        e.fs = fs = filesystem_of(path)
+        creating = False
+        if lock and not on_network(fs, allow_network_writes):
+            e.lock_fd, creating = _hold_lock(path, readonly=readonly, create=create)
+        op = decide(path, readonly=readonly, create=create, allow_network_writes=allow_network_writes, fs=fs)
+        if op.mode == "damaged":
+            raise CacheCorruptError(op.reason)
+        if op.mode == "create" and not lock:
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as exc:
                 raise CacheReadOnlyError(f"{path}: cannot create the cache directory ({exc})") from None
-    fmt = None
-    if state != "new":
-        try:
-            fmt = read_identity(path, persist_stamp=not network)
-        except BaseException:
-            e.close()
-            raise
-    e.published = fmt.get("published") if fmt else None
-    e.lockfree = bool(e.published) or (network and state != "new")
-    if readahead is None:
-        # on for lock-free caches: read-mostly, usually over a network where each page
-        # fault is a round trip (docs/network.md measures it); off for random reads on
-        # local disk, where readahead only fills the page cache with neighbours
-        readahead = e.lockfree
+    except BaseException:
+        e.close()
+        raise
+    e.opening = op
+    e.published = op.published
+    e.lockfree = op.lockfree
+    if op.mode == "readonly":
+        e.readonly_reason = op.reason
     if e.lockfree:
-        lock = False
-        e.readonly_reason = published_note(path) if e.published else network_refusal(path, fs)  # type: ignore[arg-type]
+        e.readonly_reason = op.reason
         if e.lock_fd is not None:  # taken while its identity was unknown; lock-free from now
             os.close(e.lock_fd)
             e.lock_fd = None
-    elif lock and e.lock_fd is None:
-        e.lock_fd = _take_shared_lock(path)
+    elif lock and e.lock_fd is None and op.mode in ("locked", "readonly"):
+        e.lock_fd = _take_shared_lock(path)  # a kvcache cache copied without its kvcache.lock
+    readahead, prefetching = read_policy(readahead, e.lockfree, op.size)
+    e.cold = cold_reads(e.lockfree, prefetching, op.size)
+    state = op.state
     recorded = 0
     size = max(map_size or DEFAULT_MAP_SIZE, 1 << 20)
     # Open read-write where we can, even for a read-only Store: the environment is shared by
     # every Store on the path in this process (py-lmdb allows one open), so a read-only view
     # opened first must not turn a later dataset's write-back off. Stores enforce readonly.
-    attempts = [(False, lock), (True, lock), (True, False)] if lock else [(True, False)]
+    attempts = list(dict.fromkeys((ro, lk and lock) for ro, lk in _ATTEMPTS[op.mode]))
     last: BaseException | None = None
     for ro, lk in attempts:
         try:
@@ -352,7 +346,7 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     else:
         e.close()
         raise CacheReadOnlyError(f"{path}: cannot open the cache even read-only ({last})")
-    if e.readonly and not readonly and not e.lockfree:
+    if e.readonly and not readonly and not e.lockfree and last is not None:
         e.readonly_reason = f"{path} is not writable ({last}); write-back is off"
     env = e.env
     try:
@@ -392,6 +386,6 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
         if is_readonly_error(exc):
             raise CacheReadOnlyError(f"{path}: cannot initialise the cache ({exc})") from None
         raise CacheCorruptError(f"{path}: cannot open the cache ({type(exc).__name__}: {exc})") from None
-    if e.lockfree and readahead:
+    if prefetching:
         prefetch(path)
     return e

@@ -19,13 +19,14 @@ import lmdb
 
 from . import codec
 from .errors import CacheCorruptError, IncompatibleCacheError, NotACacheError
+from .pubrecord import RECORD_NAME
 from .structure import STAMP_NAME, remember, validated
 
-__all__ = ["FORMAT_VERSION", "LOCK_NAME", "OWN_FILES", "check_identity", "classify"]
+__all__ = ["FORMAT_VERSION", "LOCK_NAME", "OWN_FILES", "check_compatible", "check_identity", "classify"]
 
 FORMAT_VERSION = 1
 LOCK_NAME = "kvcache.lock"
-OWN_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME, STAMP_NAME})
+OWN_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME, STAMP_NAME, RECORD_NAME})
 
 
 def classify(path: str) -> str:
@@ -47,7 +48,7 @@ def classify(path: str) -> str:
                 return "new"  # kvcache created it and was stopped before the first commit
             raise NotACacheError(f"{path}: data.mdb is empty and kvcache did not create it")
         return "existing"
-    if names <= {LOCK_NAME, "lock.mdb", STAMP_NAME}:
+    if names <= OWN_FILES - {"data.mdb"}:
         return "new"
     others = ", ".join(sorted(names - OWN_FILES)[:5])
     raise NotACacheError(
@@ -115,15 +116,24 @@ def check_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
         fmt["published"] = json.loads(pub) if pub else None  # not part of the row: read with it
     except ValueError:
         fmt["published"] = {"unreadable": True}  # still published: never write it
+    check_compatible(path, fmt)
+    # a kvcache cache whose structure was walked: stamp it (a published one only in memory)
+    remember(path, walked, persist_stamp and not fmt.get("published"))
+    return fmt
+
+
+def check_compatible(path: str, fmt: dict[str, Any]) -> None:
+    """Refuse a ``format`` row this kvcache does not read.
+
+    Raises:
+        IncompatibleCacheError: another format or codec version, naming the fix.
+    """
     if fmt.get("format") != "kvcache" or fmt.get("version") != FORMAT_VERSION or fmt.get("codec") != codec.CODEC_VERSION:
         raise IncompatibleCacheError(
             f"{path} was written by kvcache format {fmt.get('version')} / codec {fmt.get('codec')}; "
             f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
             "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
         )
-    # a kvcache cache whose structure was walked: stamp it (a published one only in memory)
-    remember(path, walked, persist_stamp and not fmt.get("published"))
-    return fmt
 
 
 def _has_kvcache_tables(env: Any) -> bool:

@@ -13,17 +13,45 @@ from typing import Any
 
 from .mounts import FsInfo
 
-__all__ = ["ALLOW_NETWORK_WRITES_ENV", "EmptyTxn", "NoEnvironment", "PREFETCH_BYTES_ENV", "network_refusal",
-           "network_writes_allowed", "prefetch", "prefetch_limit", "published_note"]
+__all__ = ["ALLOW_NETWORK_WRITES_ENV", "EmptyTxn", "NoEnvironment", "PREFETCH_BYTES_ENV", "cold_reads",
+           "memory_bytes", "network_refusal", "network_writes_allowed", "prefetch", "prefetch_limit",
+           "published_note", "read_policy"]
 
 ALLOW_NETWORK_WRITES_ENV = "KVCACHE_ALLOW_NETWORK_WRITES"
 PREFETCH_BYTES_ENV = "KVCACHE_PREFETCH_BYTES"
-DEFAULT_PREFETCH_BYTES = 256 << 20
+DEFAULT_PREFETCH_BYTES = 64 << 20
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def read_policy(readahead: bool | None, lockfree: bool, size: int) -> tuple[bool, bool]:
+    """``(readahead, prefetch)`` for a cache whose ``data.mdb`` has ``size`` bytes.
+
+    ``readahead=None`` (the default) chooses: a lock-free cache (published, or on a network
+    filesystem) no larger than :func:`prefetch_limit` is read once sequentially at open
+    (:func:`prefetch`) with OS readahead on: the first pass then costs a few large round
+    trips. A larger one is read with readahead off (py-lmdb then advises ``MADV_RANDOM``
+    on the map): a 3 KiB record costs one page, not a 128 KiB window of records nobody
+    asked for, and batches fetch their records' pages concurrently instead
+    (:func:`cold_reads`). On local disk readahead stays off (random reads only fill the
+    page cache with neighbours). An explicit ``readahead=True`` keeps it on, and
+    prefetches a lock-free cache within the limit.
+    """
+    small = size <= prefetch_limit()
+    if readahead is None:
+        readahead = lockfree and small
+    return readahead, lockfree and readahead and small
 
 
 def prefetch_limit() -> int:
     """The largest ``data.mdb`` that :func:`prefetch` reads ahead (``KVCACHE_PREFETCH_BYTES``,
-    default 256 MiB; 0 turns prefetching off)."""
+    default 64 MiB; 0 turns prefetching off)."""
     try:
         return int(os.environ.get(PREFETCH_BYTES_ENV, DEFAULT_PREFETCH_BYTES))
     except ValueError:
@@ -58,6 +86,15 @@ def prefetch(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def cold_reads(lockfree: bool, prefetched: bool, size: int) -> bool:
+    """Whether reads of this cache mostly miss the page cache, so that a batch should ask
+    for all its records' pages at once (:mod:`kvcache.reader`): a lock-free cache that was
+    not prefetched (over a network each page fault is a round trip), or a file larger than
+    this machine's memory. A warm local cache keeps the plain path (no system call)."""
+    mem = memory_bytes()
+    return (lockfree and not prefetched) or (mem > 0 and size > mem)
 
 
 def network_refusal(path: str, fs: FsInfo) -> str:

@@ -9,8 +9,11 @@ A published cache is read lock-free by any number of processes on any number of 
    filesystem, so the final rename is atomic);
 2. the ``published`` info row written into the copy (when, from where, how many records);
 3. every record of the copy checked in a child process (checksum, decoding, metadata
-   row: :func:`kvcache.maintenance.verify`'s scan); nothing is published otherwise;
-4. the files made read-only (0444), fsynced with their directory;
+   row: :func:`kvcache.maintenance.verify`'s scan) and its structure walked
+   (:func:`kvcache.structure.validate`); nothing is published otherwise;
+4. the publish record written (``kvcache.published``, :mod:`kvcache.pubrecord`): what
+   was validated, so that readers trust it without walking the file again; the files
+   made read-only (0444), fsynced with their directory;
 5. renamed into place: DEST appears complete or not at all. With ``force``, an existing
    DEST is exchanged atomically (``renameat2(RENAME_EXCHANGE)``; where the filesystem
    lacks it, the old one is renamed aside first) and then deleted. Readers that have the
@@ -34,6 +37,7 @@ import lmdb
 from ..env import LOCK_NAME, classify, opened_here, read_identity
 from ..errors import CacheCorruptError, CacheExistsError
 from ..progress import progress_for
+from ..pubrecord import make_record, write_record
 from ..store import Store, translate
 from ._common import check_cache, sibling_dir
 from .verify import scan
@@ -136,9 +140,10 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
                 samples = env.open_db(b"samples", create=False)
                 with env.begin(write=True) as txn:
                     entries = txn.stat(samples)["entries"]
-                    txn.put(b"published", json.dumps({
-                        "time": time.time(), "from": src, "host": socket.gethostname(),
-                        "entries": entries}).encode(), db=info)
+                    fmt = json.loads(bytes(txn.get(b"format", db=info)))
+                    published = {"time": time.time(), "from": src, "host": socket.gethostname(),
+                                 "entries": entries}
+                    txn.put(b"published", json.dumps(published).encode(), db=info)
                 env.sync(True)
             finally:
                 env.close()
@@ -156,6 +161,8 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
         # reader of a published cache opens it
         with open(os.path.join(tmp, LOCK_NAME), "w"):
             pass
+        # validated above (the scan walks the structure too): record exactly this version
+        write_record(tmp, make_record(tmp, fmt, published))
         for name in ("data.mdb", LOCK_NAME):
             os.chmod(os.path.join(tmp, name), 0o444)
             _fsync(os.path.join(tmp, name))

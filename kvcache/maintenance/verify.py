@@ -17,6 +17,7 @@ import lmdb
 from .. import structure
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
+from ..pubrecord import file_digest, publish_record
 from ..store import KEY, Rows, Store, count_rows
 from ..tally import TALLY_KEY, Tally
 from ._common import exclusive, open_raw, sibling_dir, swap_in, used_bytes
@@ -54,6 +55,10 @@ class VerifyReport:
     # the stored count of rows per fingerprint (len(open_cache), inspect) agrees with the
     # rows; not part of ``ok`` (no sample is wrong), and ``repair`` recounts it
     tally_ok: bool = True
+    # a published cache: "matches" when data.mdb is, byte for byte (a full-file digest),
+    # the version its publish record names; "differs" when it changed after publishing
+    # (an error); None without a record
+    published_record: str | None = None
     after: VerifyReport | None = None
 
 
@@ -138,6 +143,25 @@ def scan(path: str, progress: Progress | None = None) -> VerifyReport:
         rep.errors.append(f"structure: {exc}")
     rep.ok = not (rep.bad or rep.orphans or rep.errors)
     return rep
+
+
+def _check_record(rep: VerifyReport, path: str) -> None:
+    """A published copy: is ``data.mdb`` still the version ``publish`` validated?"""
+    rec = publish_record(path)
+    if rec is None:
+        return
+    try:
+        same = file_digest(path) == rec.get("file_xxh3")
+    except OSError as exc:
+        rep.errors.append(f"data.mdb cannot be read whole ({exc})")
+        same = False
+    rep.published_record = "matches" if same else "differs"
+    if not same:
+        rep.ok = False
+        rep.errors.append(
+            "data.mdb changed after it was published (its digest differs from kvcache.published): "
+            "readers trust the published version's structure, so replace this copy "
+            f"(`kvcache publish --force SRC {path}`, or copy it again)")
 
 
 def _check_tally(rep: VerifyReport) -> None:
@@ -272,6 +296,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
         raise ValueError("spot_check needs source= (a module:callable spec)")
     rep = scan(path, progress_for(progress, "verify"))
     _check_tally(rep)
+    _check_record(rep, path)
     if rep.ok and spot_check:
         _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
     if not repair or (rep.ok and rep.tally_ok):
