@@ -27,6 +27,7 @@ the caller opts in (``allow_network_writes=True`` or ``KVCACHE_ALLOW_NETWORK_WRI
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -45,17 +46,20 @@ from .errors import (
     NetworkFilesystemError,
     NotACacheError,
 )
+from .coldread import map_of, willneed
 from .lockfree import ALLOW_NETWORK_WRITES_ENV, NoEnvironment, cold_reads, prefetch, read_policy
 from .mounts import FsInfo, filesystem_of
 from .lmdb_errors import is_readonly_error
 from .identity import FORMAT_VERSION, LOCK_NAME, classify
 from .opening import Opening, decide, identify, on_network
+from .pubrecord import matches_record, meta_matches
 from .structure import remember, validated
 
 __all__ = ["ALLOW_NETWORK_WRITES_ENV", "FORMAT_VERSION", "LOCK_NAME", "absent_env", "classify",
            "is_readonly_error", "open_env", "opened_here", "read_identity", "release_env"]
 
 DEFAULT_MAP_SIZE = 1 << 30
+TAIL_BYTES = 64 << 10  # read ahead at the end of a cold published file (the trees' tops)
 
 
 # --------------------------------------------------------------------------- process registry
@@ -274,15 +278,29 @@ _ATTEMPTS = {
 }
 
 
+def _record_confirmed(e: Env, op: Opening) -> bool:
+    """For a cache trusted by its publish record: are the meta pages LMDB mapped the ones
+    the record names? Read from the map (LMDB has just read them: no round trip), else
+    from the file."""
+    data = os.path.join(op.path, "data.mdb")
+    m = map_of(data)
+    psize = int(op.record["psize"])  # type: ignore[index]
+    if m is None or m[1] < 2 * psize or os.path.getsize(data) < 2 * psize:
+        return matches_record(op.path, op.record)
+    return meta_matches(ctypes.string_at(m[0], 2 * psize), op.record)  # type: ignore[arg-type]
+
+
 def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
-              readahead: bool | None, max_readers: int, lock: bool, allow_network_writes: bool) -> Env:
+              readahead: bool | None, max_readers: int, lock: bool, allow_network_writes: bool,
+              trust_record: bool = True) -> Env:
     e = Env(path)
     try:
         e.fs = fs = filesystem_of(path)
         creating = False
         if lock and not on_network(fs, allow_network_writes):
             e.lock_fd, creating = _hold_lock(path, readonly=readonly, create=create)
-        op = decide(path, readonly=readonly, create=create, allow_network_writes=allow_network_writes, fs=fs)
+        op = decide(path, readonly=readonly, create=create, allow_network_writes=allow_network_writes, fs=fs,
+                    trust_record=trust_record)
         if op.mode == "damaged":
             raise CacheCorruptError(op.reason)
         if op.mode == "create" and not lock:
@@ -346,6 +364,17 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     else:
         e.close()
         raise CacheReadOnlyError(f"{path}: cannot open the cache even read-only ({last})")
+    if op.trusted == "record" and not _record_confirmed(e, op):
+        # the record names another version of data.mdb: decide again, walking the file
+        e.close()
+        return _open_new(path, readonly=readonly, create=create, map_size=map_size, readahead=readahead,
+                         max_readers=max_readers, lock=lock, allow_network_writes=allow_network_writes,
+                         trust_record=False)
+    if e.cold and op.size > TAIL_BYTES:
+        # A compacted (published) file ends with the tops of its trees: the main and info
+        # roots, the samples root. Ask for them in one request before the first lookups,
+        # not a round trip each.
+        willneed(os.path.join(path, "data.mdb"), op.size - TAIL_BYTES, TAIL_BYTES)
     if e.readonly and not readonly and not e.lockfree and last is not None:
         e.readonly_reason = f"{path} is not writable ({last}); write-back is off"
     env = e.env

@@ -44,8 +44,10 @@ from .lockfree import network_refusal, network_writes_allowed, published_note
 from .mounts import FsInfo, filesystem_of
 from .pubrecord import matches_record, publish_record
 
-__all__ = ["MODES", "Opening", "decide", "identify", "on_network"]
+__all__ = ["MODES", "WALK_PUBLISHED_ENV", "Opening", "decide", "identify", "on_network"]
 
+# KVCACHE_WALK_PUBLISHED=1: walk published caches too, ignoring their publish records
+WALK_PUBLISHED_ENV = "KVCACHE_WALK_PUBLISHED"
 MODES = ("create", "locked", "readonly", "published", "network", "damaged")
 
 
@@ -61,6 +63,9 @@ class Opening:
     fmt: dict[str, Any] | None = None  # the format info row, with "published" (existing caches)
     trusted: str | None = None  # how the structure is trusted: "record", "validated", "new"
     size: int = 0  # data.mdb's size in bytes when decided
+    # trusted == "record": the publish record, whose meta pages the opener still compares
+    # with those LMDB maps (kvcache.env) before reading anything else
+    record: dict[str, Any] | None = None
 
     @property
     def lockfree(self) -> bool:
@@ -78,6 +83,19 @@ def on_network(fs: FsInfo | None, allow_network_writes: bool = False) -> bool:
     return fs is not None and fs.network is not None and not network_writes_allowed(allow_network_writes)
 
 
+def _recorded(path: str) -> tuple[dict[str, Any], int] | None:
+    """The ``format`` row (with ``published``) and size a matching publish record gives, or
+    None (no record, a malformed one, or one that does not match ``data.mdb``)."""
+    if os.environ.get(WALK_PUBLISHED_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    rec = publish_record(path)
+    if rec is None or not isinstance(rec.get("format"), dict) or not matches_record(path, rec):
+        return None
+    fmt = dict(rec["format"])
+    fmt["published"] = rec.get("published") or {"record": True}
+    return fmt, rec["size"]
+
+
 def identify(path: str, persist_stamp: bool = True) -> tuple[dict[str, Any], str]:
     """An existing cache's ``format`` row (with ``published``) and how its structure is
     trusted: ``"record"`` (a matching publish record: nothing walked, nothing read
@@ -86,12 +104,10 @@ def identify(path: str, persist_stamp: bool = True) -> tuple[dict[str, Any], str
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
     """
-    rec = publish_record(path)
-    if rec is not None and isinstance(rec.get("format"), dict) and matches_record(path, rec):
-        fmt = dict(rec["format"])
-        fmt["published"] = rec.get("published") or {"record": True}
-        check_compatible(path, fmt)
-        return fmt, "record"
+    got = _recorded(path)
+    if got is not None:
+        check_compatible(path, got[0])
+        return got[0], "record"
     return check_identity(path, persist_stamp), "validated"
 
 
@@ -107,8 +123,24 @@ def _unwritable(path: str) -> str | None:
     return "permission denied"
 
 
+def _sized_record(path: str) -> dict[str, Any] | None:
+    """A publish record at ``path`` whose size is ``data.mdb``'s (the meta pages are
+    compared by the opener, from its own map: no second open of the file)."""
+    if os.environ.get(WALK_PUBLISHED_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    rec = publish_record(path)
+    if rec is None or not isinstance(rec.get("format"), dict):
+        return None
+    try:
+        if os.stat(os.path.join(path, "data.mdb")).st_size != rec["size"]:
+            return None
+    except OSError:
+        return None
+    return rec
+
+
 def decide(path: str, *, readonly: bool, create: bool, allow_network_writes: bool = False,
-           fs: FsInfo | None = None) -> Opening:
+           fs: FsInfo | None = None, trust_record: bool = True) -> Opening:
     """Decide how to open the cache at ``path`` (see the module docstring).
 
     ``env.open_env`` calls it holding ``kvcache.lock`` shared (or exclusively, when it
@@ -120,9 +152,23 @@ def decide(path: str, *, readonly: bool, create: bool, allow_network_writes: boo
         NotACacheError: nothing there and ``readonly`` or not ``create``; or not a cache.
         NetworkFilesystemError: a new cache on a network or FUSE filesystem.
         IncompatibleCacheError: a cache of another format version.
+
+    With ``trust_record`` (the default), a publish record whose size matches decides
+    alone (``trusted="record"``, ``record`` set): the opener must then compare the meta
+    pages (:func:`kvcache.pubrecord.meta_matches`) before reading the file, and decide
+    again with ``trust_record=False`` when they differ. :func:`identify` compares them
+    itself.
     """
     fs = fs if fs is not None else filesystem_of(path)
     network = on_network(fs, allow_network_writes)
+    # A published cache whose record matches needs nothing else looked at: not the
+    # directory's listing, not its structure, not its info rows (a few round trips in all)
+    rec = _sized_record(path) if trust_record else None
+    if rec is not None:
+        fmt = dict(rec["format"])
+        fmt["published"] = rec.get("published") or {"record": True}
+        check_compatible(path, fmt)
+        return Opening(path, fs, "existing", "published", published_note(path), fmt, "record", rec["size"], rec)
     state = classify(path)
     if state == "new":
         if readonly or not create:
@@ -135,9 +181,10 @@ def decide(path: str, *, readonly: bool, create: bool, allow_network_writes: boo
     except OSError:
         size = 0
     try:
-        fmt, trusted = identify(path, persist_stamp=not network)
+        fmt = check_identity(path, persist_stamp=not network)
     except CacheCorruptError as exc:
         return Opening(path, fs, state, "damaged", str(exc), size=size)
+    trusted = "validated"
     if fmt.get("published"):
         return Opening(path, fs, state, "published", published_note(path), fmt, trusted, size)
     if network:

@@ -35,7 +35,7 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["RECORD_NAME", "RECORD_VERSION", "file_digest", "make_record", "matches_record",
+__all__ = ["RECORD_NAME", "RECORD_VERSION", "file_digest", "make_record", "matches_record", "meta_matches",
            "publish_record", "write_record"]
 
 RECORD_NAME = "kvcache.published"
@@ -147,9 +147,20 @@ def matches_record(path: str | os.PathLike, record: dict[str, Any] | None = None
     try:
         if os.fstat(fd).st_size != size:
             return False
-        state = _meta_state(os.pread(fd, 2 * psize, 0), psize)
+        head = os.pread(fd, 2 * psize, 0)
     except OSError:
         return False
     finally:
         os.close(fd)
-    return state is not None and all(state[k] == rec.get(k) for k in state)
+    return meta_matches(head, rec)
+
+
+def meta_matches(head: bytes, record: dict[str, Any]) -> bool:
+    """Whether ``head``, the first two pages of a ``data.mdb``, are the meta pages
+    ``record`` names (what :func:`matches_record` checks, from bytes already read)."""
+    try:
+        psize = int(record["psize"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    state = _meta_state(head[:2 * psize], psize)
+    return state is not None and all(state[k] == record.get(k) for k in state)

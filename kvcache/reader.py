@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import lmdb
 
 from . import codec
+from .coldread import fetch as _fetch
 from .errors import CacheCorruptError, CorruptRecordError, KvCacheError
 from .store import KEY, translate
 
@@ -96,10 +97,15 @@ class CachedReader:
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         """Serve a DataLoader batch: one read transaction for all cached indices, then
-        the misses computed outside it."""
+        the misses computed outside it. Where reads are cold (a lock-free cache over a
+        network, a file larger than memory), the records' pages are first fetched
+        concurrently (:mod:`kvcache.coldread`): a batch costs a few round trips, not one
+        per record."""
         e = self._handle()
         n = self._len
         idx = [i if type(i) is int and 0 <= i < n else self._index(i) for i in indices]  # type: ignore[operator]
+        if e.cold:
+            _fetch(e.env, e.samples, [_key(i) for i in idx])
         out: list[Any] = []
         todo: list[int] = []
         lru = self._lru

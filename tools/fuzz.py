@@ -7,7 +7,9 @@
 
 A base cache is built once (200 samples: a uint8 3x32x32 tensor and an int label; every
 16th sample is a 3x48x48 tensor, so the file has overflow pages too). Each seed copies it,
-damages the copy with one kind of damage (chosen by the seed, or from ``--kind``), and
+damages the copy with one kind of damage (chosen by the seed, or from ``--kind``; the kind
+``published`` damages a *published* copy of it past its meta pages, keeping its size, so
+that its publish record still matches and readers skip the structural walk), and
 runs the steps below in a forked child process (this process imported torch and kvcache
 once; a fork costs milliseconds, a fresh interpreter seconds):
 
@@ -53,7 +55,11 @@ import kvcache  # noqa: E402
 
 PSIZE = 4096
 N = 200
-KINDS = ("span", "bitflip", "zero_page", "copy_page", "truncate", "append")
+KINDS = ("span", "bitflip", "zero_page", "copy_page", "truncate", "append", "published")
+# "published": damage to a published copy after publishing, where readers trust the publish
+# record and skip the structural walk: one of these kinds, past the two meta pages and
+# without changing the size, so the record (size + meta pages) still matches
+INNER = ("span", "bitflip", "zero_page", "copy_page")
 OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
 _RANK = {o: r for r, o in enumerate(OUTCOMES)}
 
@@ -82,17 +88,22 @@ def same(a: Any, b: Any) -> bool:
 # --------------------------------------------------------------------------- damage
 
 
-def damage(path: str, kind: str, rng: random.Random) -> str:
-    """Damage ``path/data.mdb`` in place; return a one-line description."""
+def damage(path: str, kind: str, rng: random.Random, lo: int = 0) -> str:
+    """Damage ``path/data.mdb`` in place, at byte ``lo`` or later; return a one-line description."""
     f = os.path.join(path, "data.mdb")
     size = os.path.getsize(f)
     pages = size // PSIZE
+    if kind == "published":
+        for name in os.listdir(path):
+            os.chmod(os.path.join(path, name), 0o644)
+        inner = rng.choice(INNER)
+        return "published copy: " + damage(path, inner, rng, lo=2 * PSIZE)
     with open(f, "r+b") as fh:
         if kind == "span":
             places = []
             for _ in range(rng.randint(1, 16)):
                 n = rng.choice((rng.randint(1, 64), rng.randint(1, 4096)))
-                off = rng.randrange(0, max(1, size - n))
+                off = rng.randrange(lo, max(lo + 1, size - n))
                 fh.seek(off)
                 fh.write(rng.randbytes(n))
                 places.append(f"{n}@{off}")
@@ -100,7 +111,7 @@ def damage(path: str, kind: str, rng: random.Random) -> str:
         if kind == "bitflip":
             places = []
             for _ in range(rng.randint(1, 16)):
-                off = rng.randrange(size)
+                off = rng.randrange(lo, size)
                 fh.seek(off)
                 b = fh.read(1)[0] ^ (1 << rng.randrange(8))
                 fh.seek(off)
@@ -108,12 +119,12 @@ def damage(path: str, kind: str, rng: random.Random) -> str:
                 places.append(str(off))
             return "bits " + ",".join(places)
         if kind == "zero_page":
-            p = rng.randrange(pages)
+            p = rng.randrange(lo // PSIZE, pages)
             fh.seek(p * PSIZE)
             fh.write(bytes(PSIZE))
             return f"page {p} zeroed"
         if kind == "copy_page":
-            a, b = rng.randrange(pages), rng.randrange(pages)
+            a, b = rng.randrange(pages), rng.randrange(lo // PSIZE, pages)
             fh.seek(a * PSIZE)
             data = fh.read(PSIZE)
             fh.seek(b * PSIZE)
@@ -270,13 +281,14 @@ def build_base(root: str) -> str:
     path = os.path.join(root, "base")
     with kvcache.LmdbCachedDataset(FuzzSource(), path) as ds:
         ds.build()
+    kvcache.publish(path, os.path.join(root, "published"))  # the base of the "published" kind
     return path
 
 
 def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: float) -> dict:
     path = os.path.join(work, f"s{seed}")
     shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(base, path)
+    shutil.copytree(os.path.join(os.path.dirname(base), "published") if kind == "published" else base, path)
     what = damage(path, kind, random.Random(seed))
     rfd, wfd = os.pipe()
     pid = os.fork()
