@@ -2,6 +2,7 @@
 
     python tools/bench_network.py [--n 2000] [--latency-us 200,1000] [--json out.json]
                                   [--plot docs/img/network.png]
+    python tools/bench_network.py --big --root DIR ...   # larger than memory: tools/bench_bignet.py
 
 Needs FUSE (``tools/netsim.py``: /dev/fuse, fusermount3, ``pip install -e '.[netsim]'``).
 ``n`` CIFAR-sized items (uint8[3,32,32] image + int label) are stored four ways on local
@@ -255,6 +256,11 @@ def summarize(r: dict) -> dict:
 
 
 def main() -> None:
+    if "--big" in sys.argv[1:]:  # the larger-than-memory mode: tools/bench_bignet.py
+        import bench_bignet
+
+        bench_bignet.main([x for x in sys.argv[1:] if x != "--big"])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=2000)
