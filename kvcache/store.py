@@ -376,23 +376,29 @@ class Store:
         e = self.handle()
         if self.readonly or e.readonly:
             raise CacheReadOnlyError(e.readonly_reason or f"{self.path}: opened read-only")
-        with e.write_lock:
+        grown = None  # a map size to record with the write (a commit of its own would be unstamped)
+        # every commit here is stamped: the stamping lock spans trust, commit and re-stamp
+        with e.write_lock, structure.stamping(self.path):
             while True:
                 try:
                     with e.env.begin(write=True) as txn:
                         # under LMDB's writer lock: was the file as validated before this write?
                         trusted = structure.stamp_matches(self.path)
                         out = fn(txn)
+                        if grown is not None:
+                            txn.put(b"map_size", str(grown).encode(), db=e.info)
                     structure.restamp(self.path, trusted)  # committed: stamp the new version
                     return out
                 except lmdb.MapFullError:
-                    self._grow()
+                    grown = self._grow()
                 except lmdb.MapResizedError:
                     e.env.set_mapsize(0)
                 except lmdb.Error as exc:
                     raise translate(exc, self.path) from None
 
-    def _grow(self) -> None:
+    def _grow(self) -> int:
+        """Double the map (up to ``max_map_size``); return the new size, which the retried
+        write records (so the next opener maps it at once)."""
         e = self.handle()
         cur = e.env.info()["map_size"]
         if cur >= self.max_map_size:
@@ -403,9 +409,6 @@ class Store:
         new = min(cur * 2, self.max_map_size)
         try:
             e.env.set_mapsize(new)
-            with e.env.begin(write=True, db=e.info) as txn:
-                txn.put(b"map_size", str(new).encode())
-        except lmdb.MapFullError:
-            pass  # recording the size can itself hit the old limit; the next loop retries
         except lmdb.Error as exc:
             raise translate(exc, self.path) from None
+        return new

@@ -21,17 +21,28 @@ walked once, not on every open of every DataLoader worker. A write by kvcache's 
 writers re-stamps the file (:func:`restamp`: only when the stamp matched the file as
 the write began, under LMDB's writer lock); any other write changes ``mtime``/``ctime``,
 so the stamp no longer matches and the next opener validates again.
+
+kvcache's writers hold :func:`stamping` (an exclusive ``flock`` on ``data.mdb``, which
+LMDB never locks) from before their write transaction until the new version is
+stamped: LMDB's writer lock ends at the commit, so without it a second process (another
+DataLoader worker writing back) could begin its transaction between the first one's
+commit and its re-stamp, find the stamp behind the file, and leave every later version
+unstamped. :func:`walks` counts the walks this process made (tests assert on it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import struct
+from typing import Iterator
 
 from .errors import CacheCorruptError
 
-__all__ = ["STAMP_NAME", "identity", "remember", "restamp", "stamp_matches", "validate", "validated"]
+__all__ = ["STAMP_NAME", "identity", "remember", "restamp", "stamp_matches", "stamping", "validate",
+           "validated", "walks"]
 
 STAMP_NAME = "kvcache.valid"
 # Files up to this size are read in one sequential pass and walked in memory (fewer, larger
@@ -47,6 +58,7 @@ _DB = struct.Struct("<IHHQQQQQ")  # md_pad, md_flags, md_depth, 3 page counts, e
 _U64 = struct.Struct("<Q")
 
 _MEMO: dict[str, tuple] = {}  # path -> the identity this process validated or stamped
+_WALKS = [0]  # whole-file walks (validate calls that got past the meta pages) in this process
 
 
 class _Damage(Exception):
@@ -99,6 +111,34 @@ def restamp(path: str, trusted: bool) -> None:
     if ident is not None:
         _MEMO[path] = ident
         _write_stamp(path, ident, None)
+
+
+@contextlib.contextmanager
+def stamping(path: str) -> Iterator[None]:
+    """Hold kvcache's stamping lock on ``path`` (an exclusive ``flock`` on ``data.mdb``):
+    a writer takes it before its write transaction begins and keeps it until
+    :func:`restamp` has stamped what it committed, so writers in other processes see the
+    stamp and the file move together. Without a ``data.mdb`` (a cache LMDB has not
+    created yet), or where the filesystem refuses flock, it holds nothing."""
+    try:
+        fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no flock here: writers may race to stamp; the next opener then walks
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def walks() -> int:
+    """How many times this process walked a whole ``data.mdb`` (:func:`validate`): an
+    open that found a matching stamp adds nothing."""
+    return _WALKS[0]
 
 
 def validated(path: str) -> tuple | None:
@@ -206,6 +246,7 @@ def validate(path: str) -> int | None:
         if None in metas:
             return None  # not LMDB's meta pages: lmdb.open reports it (InvalidError)
         m = max(metas, key=lambda x: x["txnid"])  # what LMDB picks
+        _WALKS[0] += 1
         fl = _File(fd, size)
         fl.psize, fl.last = psize, m["last"]
         if size <= WHOLE_FILE_BYTES:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from .. import structure
 from ..errors import CacheCorruptError
 from ..store import translate
 from ._common import check_cache, exclusive, file_bytes, open_raw, sibling_dir, swap_in
@@ -69,6 +70,7 @@ def compact(path: str | os.PathLike) -> CompactReport:
                     f"{path}: the compacted copy does not verify ({'; '.join(check.errors) or check.signal}); "
                     f"the cache is unchanged; run `kvcache verify {path}`")
             swap_in(path, tmp)
+            structure.restamp(path, True)  # the copy the scan walked (the rename moved only ctime)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         env = open_raw(path)

@@ -102,10 +102,12 @@ def _signame(rc: int) -> str:
         return f"signal {-rc}"
 
 
-def scan(path: str, progress: Progress | None = None) -> VerifyReport:
+def scan(path: str, progress: Progress | None = None, stamp: bool = False) -> VerifyReport:
     """Check every record of the cache at ``path`` in a child process (no repair, no
     spot check): what :func:`verify` does first, and what compact and publish run on
-    their copies before swapping or publishing them."""
+    their copies before swapping or publishing them. With ``stamp`` (a cache kvcache
+    itself just rewrote, never a published one), a clean result stamps the version of
+    the file its structural walk saw, so the next opener does not walk it again."""
     state: dict[str, Any] = {"result": None, "done": 0}
 
     def on_line(msg: dict) -> None:
@@ -137,11 +139,17 @@ def scan(path: str, progress: Progress | None = None) -> VerifyReport:
         raise NotACacheError(f"{path} is not a kvcache cache ({'; '.join(res['errors']) or 'no info table'})")
     rep.checked, rep.entries = res["checked"], res["entries"]
     rep.bad, rep.reasons, rep.orphans, rep.errors = res["bad"], res["reasons"], res["orphans"], res["errors"]
+    walked = None
     try:  # what opening checks first (it reads with pread: no signal can reach this process)
-        structure.validate(path)
+        before = structure.identity(path)
+        txnid = structure.validate(path)
+        if before is not None and txnid is not None and structure.identity(path) == before:
+            walked = (before, txnid)
     except CacheCorruptError as exc:
         rep.errors.append(f"structure: {exc}")
     rep.ok = not (rep.bad or rep.orphans or rep.errors)
+    if stamp and rep.ok:
+        structure.remember(path, walked)
     return rep
 
 
@@ -318,7 +326,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
             else:
                 rep.removed = removed
             rep.repaired = True
-    rep.after = scan(path)
+    rep.after = scan(path, stamp=rep.repaired)  # rewritten by kvcache: stamp what the scan walked
     _check_tally(rep.after)
     rep.ok = rep.after.ok and rep.spot_repaired == len(rep.spot_mismatches)
     return rep
