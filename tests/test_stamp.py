@@ -183,12 +183,14 @@ def test_compact(tmp_path):
     path = str(tmp_path / "c")
     _cache(path, n=600, version=1)
     _cache(path, version=2)  # 200 rows of another fingerprint: gc frees pages, compact gives them back
-    gc(path)
+    assert gc(path).removed == 200
+    assert stamped_on_disk(path)
     rep = compact(path)
     assert rep.reclaimed > 0
     assert_opens_without_walking(path, 400)
 
 
+@pytest.mark.slow  # test_compact checks gc's stamp on disk; this opens in a fresh process
 def test_gc(tmp_path):
     path = str(tmp_path / "c")
     _cache(path, n=600, version=1)
@@ -208,6 +210,7 @@ def test_repair_of_bad_records(tmp_path):
     assert_opens_without_walking(path, 200, keys=199)
 
 
+@pytest.mark.slow
 def test_repair_by_salvage(tmp_path):
     from test_cli import _break_page
 
@@ -233,6 +236,7 @@ def test_the_installed_command_builds_with_workers(tmp_path):
     assert_opens_without_walking(path, 1000)
 
 
+@pytest.mark.slow
 def test_publish_leaves_the_source_stamped_and_writes_no_stamp_into_the_copy(tmp_path):
     path, dest = str(tmp_path / "c"), str(tmp_path / "pub")
     _cache(path)
