@@ -16,11 +16,17 @@ Record layout (all integers little-endian)::
                         complete .npy blob, so ``np.load`` can read it on its own)
 
 Beside each record, in the ``meta`` database under the same key, is its metadata row:
-``META_ROW`` (fp_id u32, checksum u64, record bytes u64) followed by the layout. This
-module is the only one that knows either format: other modules build rows with
-:func:`meta_row` / :func:`encode_with_meta` and read them with :func:`meta_fields`.
+``META_ROW`` (fp_id u32, checksum u64, record bytes u64) followed by the layout. When
+bit 63 of the record-bytes field is set (``KEY_FOLLOWS``: a record of a keyed cache,
+``key=``), the user's key comes between the two: ``u16 length | key bytes`` (the key as
+:mod:`kvcache.keys` normalises it, type tag first). This module is the only one that
+knows either format: other modules build rows with :func:`meta_row` /
+:func:`encode_with_meta` and read them with :func:`meta_fields`, :func:`meta_layout`
+and :func:`meta_key`.
 
-A KEYED record cannot be served under another key: a page of one record copied over
+A KEYED record cannot be served under another key: its checksum is seeded with the last
+8 bytes of the LMDB key it is stored at (:func:`seed_of`: the index itself for an index
+key, 64 bits of the key's digest in a keyed cache), so a page of one record copied over
 another's (a misdirected write) fails the checksum instead of returning the wrong
 sample. Records written without an index (flags 0, kvcache before 0.2) stay readable.
 
@@ -53,6 +59,7 @@ __all__ = [
     "HEAD_KEYED",
     "HEAD_PLAIN",
     "KEYED",
+    "KEY_FOLLOWS",
     "LeafInfo",
     "META_ROW",
     "PLANS",
@@ -65,11 +72,13 @@ __all__ = [
     "encode_with_meta",
     "meta_fields",
     "meta_fp",
+    "meta_key",
     "meta_layout",
     "meta_row",
     "meta_row_of",
     "read_header",
     "record_layout",
+    "seed_of",
     "unpack_head",
     "with_fp",
 ]
@@ -80,6 +89,9 @@ HEADER_SIZE = HEADER.size  # 24
 META_ROW = struct.Struct("<IQQ")
 _meta_unpack = META_ROW.unpack_from
 _META_SIZE = META_ROW.size
+KEY_FOLLOWS = 1 << 63  # in the record-bytes field of a metadata row: the user's key follows
+_SIZE_MASK = KEY_FOLLOWS - 1
+_KEY_LEN = struct.Struct("<H")
 
 # The fast path's names, public for the one batch loop that inlines decode's steps
 # (LmdbCachedDataset.__getitems__; tests/test_getitems.py holds the two in lockstep):
@@ -93,24 +105,57 @@ _checksum, _unpack_head, _HEAD, _HEAD_KEYED, _plans = checksum, unpack_head, HEA
 # --------------------------------------------------------------------------- metadata rows
 
 
-def meta_row(fp_id: int, checksum: int, nbytes: int, layout: bytes) -> bytes:
-    """The metadata row of a record (written in the same transaction as the record)."""
-    return META_ROW.pack(fp_id, checksum, nbytes) + layout
+def seed_of(lmdb_key: bytes) -> int:
+    """The checksum seed of a KEYED record stored at ``lmdb_key``: its last 8 bytes,
+    big-endian (an 8-byte index key gives the index itself)."""
+    return int.from_bytes(lmdb_key[-8:], "big")
 
 
-def meta_row_of(record: Any) -> bytes:
-    """The metadata row that belongs with ``record`` (from its own header and layout).
+def meta_row(fp_id: int, checksum: int, nbytes: int, layout: bytes, key: bytes | None = None) -> bytes:
+    """The metadata row of a record (written in the same transaction as the record);
+    ``key``: the normalised user key of a keyed cache's record (at most 65,535 bytes)."""
+    if key is None:
+        return META_ROW.pack(fp_id, checksum, nbytes) + layout
+    return META_ROW.pack(fp_id, checksum, nbytes | KEY_FOLLOWS) + _KEY_LEN.pack(len(key)) + key + layout
+
+
+def meta_row_of(record: Any, key: bytes | None = None) -> bytes:
+    """The metadata row that belongs with ``record`` (from its own header and layout;
+    ``key`` as for :func:`meta_row`).
 
     Raises:
         CorruptRecordError: the record's header or layout is malformed.
     """
     fp_id, checksum, _ = read_header(record)
-    return meta_row(fp_id, checksum, len(record), record_layout(record))
+    return meta_row(fp_id, checksum, len(record), record_layout(record), key)
 
 
 def meta_fields(row: Any) -> tuple[int, int, int] | None:
     """``(fp_id, checksum, record bytes)`` of a metadata row; None when it is too short."""
-    return _meta_unpack(row, 0) if len(row) >= _META_SIZE else None
+    if len(row) < _META_SIZE:
+        return None
+    fp, cs, n = _meta_unpack(row, 0)
+    return fp, cs, n & _SIZE_MASK
+
+
+def _key_end(row: Any) -> int:
+    """Where a metadata row's layout starts (past its key, if any)."""
+    if len(row) < _META_SIZE or not _meta_unpack(row, 0)[2] & KEY_FOLLOWS:
+        return _META_SIZE
+    if len(row) < _META_SIZE + 2:
+        return len(row)
+    return min(_META_SIZE + 2 + _KEY_LEN.unpack_from(row, _META_SIZE)[0], len(row))
+
+
+def meta_key(row: Any) -> bytes | None:
+    """The normalised user key a metadata row holds (None: an index-keyed record's row,
+    or a row too short to hold the key it announces)."""
+    if len(row) < _META_SIZE + 2 or not _meta_unpack(row, 0)[2] & KEY_FOLLOWS:
+        return None
+    n = _KEY_LEN.unpack_from(row, _META_SIZE)[0]
+    if _META_SIZE + 2 + n > len(row):
+        return None
+    return bytes(row[_META_SIZE + 2 : _META_SIZE + 2 + n])
 
 
 def meta_fp(row: Any) -> int | None:
@@ -121,17 +166,19 @@ def meta_fp(row: Any) -> int | None:
 
 def meta_layout(row: Any) -> bytes:
     """The layout bytes kept in a metadata row."""
-    return bytes(row[_META_SIZE:])
+    return bytes(row[_key_end(row):])
 
 
-def encode_with_meta(sample: Any, fp_id: int, index: int) -> tuple[bytes, bytes]:
-    """``(record, metadata row)`` of ``sample`` stored at ``index`` (a KEYED record).
+def encode_with_meta(sample: Any, fp_id: int, index: int, key: bytes | None = None) -> tuple[bytes, bytes]:
+    """``(record, metadata row)`` of ``sample`` stored at ``index`` (a KEYED record):
+    ``index`` is the checksum seed (:func:`seed_of` its LMDB key), ``key`` the normalised
+    user key of a keyed cache's record, kept in the metadata row.
 
     Raises:
         UnsupportedSampleError: as :func:`encode`.
     """
     record, layout, checksum = encode(sample, fp_id, index)
-    return record, meta_row(fp_id, checksum, len(record), layout)
+    return record, meta_row(fp_id, checksum, len(record), layout, key)
 
 
 # --------------------------------------------------------------------------- decode

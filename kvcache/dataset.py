@@ -16,8 +16,9 @@ from typing import Any, Callable
 import torch.utils.data
 
 from . import builder, catalog, codec
-from .errors import KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
+from .errors import KeyedCacheError, KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
 from .fingerprint import compute_parts
+from .keys import KeyFunction, duplicate
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
 from .reader import CachedReader
@@ -73,6 +74,22 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             cached. It is never part of the fingerprint or the stored record, and it is
             pickled with the other arguments for spawn and forkserver workers (so it
             must be picklable there: a module-level function or class, not a lambda).
+        key: a callable ``key(i)`` returning a stable identity of sample ``i`` (``str`` or
+            ``bytes``: its file path with mtime and size, a content hash, a database id).
+            Each sample is then stored under its key, not its index: appending, removing
+            or reordering source items keeps every sample whose key is unchanged (the
+            source is not called for them), a changed key is recomputed, and no index
+            ever gets another key's sample. The source's length leaves the fingerprint
+            (its class code and ``version=`` stay). ``key(i)`` is called on every access
+            (``ds[i]`` and each index of ``__getitems__``; in a build, once per index), so
+            it should be cheap (a list lookup, not a file hash: compute those once in the
+            source's ``__init__``). A key function that raises, returns another type, or
+            returns one key for two indices raises :class:`KeyFunctionError` /
+            :class:`DuplicateKeyError` naming the indices, and nothing is stored for them.
+            Like ``transform``, it must be picklable for spawn workers. A cache is either
+            keyed or index-keyed: opening one the other way is a changed fingerprint
+            (``on_stale`` decides), and reading a keyed cache without a source needs
+            ``key=`` too (or ``open_cache(path).by_key(k)``).
 
     A *published* cache (``kvcache publish``) and any cache on a network filesystem are
     opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
@@ -90,7 +107,8 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
                  readahead: bool | None = None, max_sample_bytes: int = 1 << 30,
                  write_batch: int = 4096, spot_check: int = 0,
                  allow_network_writes: bool = False,
-                 transform: Callable[[Any], Any] | None = None) -> None:
+                 transform: Callable[[Any], Any] | None = None,
+                 key: Callable[[int], str | bytes] | None = None) -> None:
         if on_stale not in _ON_STALE:
             raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
         self._args = dict(
@@ -99,7 +117,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             map_size=map_size, max_map_size=max_map_size, readahead=readahead,
             max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
             allow_network_writes=allow_network_writes,
-            transform=transform,
+            transform=transform, key=key,
         )
         self._setup()
         try:
@@ -127,6 +145,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         self.verify = a["verify"]
         self.max_sample_bytes = a["max_sample_bytes"]
         self._transform = a.get("transform")
+        self._keyfn = KeyFunction(a["key"], self.path) if a.get("key") is not None else None
         self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
                             create=self.source is not None, map_size=a["map_size"],
                             max_map_size=a["max_map_size"], readahead=a["readahead"],
@@ -170,9 +189,15 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             raise ValueError(f"{self.path}: I/O on a closed LmdbCachedDataset")
         e = self._store.handle()
         src = self.source
-        parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"])
+        keyed = self._keyfn is not None
+        parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"], keyed)
         length = None if src is None else len(src)
         res = catalog.resolve(self._store, parts, length, self._args["on_stale"])
+        if src is None and res.fp_id is not None and self._cache_keyed(res.fp_id) != keyed:
+            raise KeyedCacheError(
+                f"{self.path} is a keyed cache (filled with key=): pass the same key= to read it by "
+                "index, or read it by key with open_cache(path).by_key(k)" if not keyed else
+                f"{self.path} is an index-keyed cache (filled without key=): open it without key=")
         if self._lru is not None and (res.fp_id != self._fp_id or res.reset):
             # The LRU holds verified records of this source's fingerprint: they stay right
             # across a reopen (after a build's workers forked, a compaction, a repair)
@@ -181,7 +206,10 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         self._fp_id = self._writer.fp_id = res.fp_id
         self._fp_read = -1 if res.fp_id is None else res.fp_id  # -1 matches no record
         if src is None:
-            self._len = res.length if res.length is not None else self._last_index() + 1
+            if res.length is not None:
+                self._len = res.length
+            else:
+                self._len = 0 if keyed else self._last_index() + 1
         else:
             self._len = length
         if e.lockfree:  # published or on a network fs: warn at the first miss, not at open
@@ -194,6 +222,10 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
         self._env = e
         return e
+
+    def _cache_keyed(self, fp_id: int) -> bool:
+        parts = (catalog.fingerprints(self._store).get(fp_id) or {}).get("parts")
+        return isinstance(parts, dict) and parts.get("keyed") is True
 
     def _last_index(self) -> int:
         with self._store.begin() as txn:
@@ -213,11 +245,17 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
             self._handle()
         return self._len  # type: ignore[return-value]
 
-    def _compute(self, i: int) -> Any:
-        """A miss: compute from the source (or a pending write) and buffer the record."""
+    def _compute(self, i: int, wkey: Any = None, seed: int | None = None, kb: bytes | None = None) -> Any:
+        """A miss: compute from the source (or a pending write) and buffer the record.
+        ``wkey``, ``seed``, ``kb``: a keyed record's LMDB key, checksum seed and key."""
         w = self._writer
-        pending = w.pending(i)
+        if wkey is None:
+            wkey = seed = i
+        pending = w.pending(wkey)
         if pending is not None:  # computed earlier, not committed yet: a hit all the same
+            owner = w.owner(wkey)
+            if owner is not None and owner != i:
+                raise duplicate(self.path, owner, i, kb or b"b")
             self._stats.hits += 1
             return _decode(pending, False)
         if self.source is None:
@@ -232,7 +270,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
                 self._warn_once("unstored", f"kvcache: {self._unstored}")
             return sample
         try:
-            record, meta = codec.encode_with_meta(sample, self._fp_id, i)
+            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, kb)  # type: ignore[arg-type]
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > self.max_sample_bytes:
@@ -241,7 +279,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
                 f"kvcache: sample {i} encodes to {len(record)} bytes, over max_sample_bytes="
                 f"{self.max_sample_bytes}; such samples are served uncached")))
             return sample
-        w.add(i, record, meta)
+        w.add(wkey, record, meta, None if kb is None else i)
         return sample
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -327,9 +365,11 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
     @property
     def fingerprint_parts(self) -> dict[str, Any] | None:
         """What identifies this source (class, length, class source hash, ``version``; or
-        the ``fingerprint=`` given); None without a source."""
+        the ``fingerprint=`` given; a keyed source has ``keyed`` for the length); None
+        without a source."""
         a = self._args
-        return None if self.source is None else compute_parts(self.source, a["version"], a["fingerprint"])
+        return None if self.source is None else compute_parts(self.source, a["version"], a["fingerprint"],
+                                                              self._keyfn is not None)
 
     @property
     def fingerprint_id(self) -> int | None:
@@ -338,17 +378,43 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         self._handle()
         return self._fp_id
 
+    @property
+    def keyed(self) -> bool:
+        """Whether samples are stored by ``key=`` rather than by index."""
+        return self._keyfn is not None
+
+    def storage_key(self, i: int) -> tuple[bytes, int, bytes | None]:
+        """``(LMDB key, checksum seed, normalised user key or None)`` of index ``i`` (for
+        kvcache's build and maintenance code; calls the key function of a keyed cache).
+
+        Raises:
+            KeyFunctionError: the key function failed for ``i``.
+        """
+        if self._keyfn is None:
+            return KEY.pack(i), i, None
+        return self._keyfn(i)
+
     def cached_indices(self) -> set[int]:
         """Indices whose record was written by this source's fingerprint (one cursor
-        pass over the metadata rows: O(n) by nature, it returns n items)."""
+        pass over the metadata rows: O(n) by nature, it returns n items; a keyed cache
+        also calls the key function for every index)."""
         self._handle()
+        if self._keyfn is not None:
+            have = {lk for lk, _kb in self._store.keys_of(self._fp_id)}
+            kf = self._keyfn
+            return {i for i in range(len(self)) if kf(i)[0] in have}
         return builder.cached_set(self._store, self._fp_id)
 
     def random_cached(self, k: int, rng: random.Random | None = None) -> list[int]:
         """``k`` distinct random cached indices (fewer if fewer are cached), found by
-        probing random rows: a spot check costs the same at 10^4 and 10^7 samples."""
+        probing random rows: a spot check costs the same at 10^4 and 10^7 samples (a
+        keyed cache lists them: :meth:`cached_indices`)."""
         self._handle()
-        return builder.sample_cached(self._store, self._fp_id, len(self), k, rng or random.Random())
+        rng = rng or random.Random()
+        if self._keyfn is not None:
+            have = sorted(self.cached_indices())
+            return rng.sample(have, min(k, len(have)))
+        return builder.sample_cached(self._store, self._fp_id, len(self), k, rng)
 
     def close(self) -> None:
         """Flush buffered writes and release this process's environment (idempotent)."""

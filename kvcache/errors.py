@@ -112,3 +112,21 @@ class MissingSampleError(KvCacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class KeyFunctionError(KvCacheError, ValueError):
+    """A ``key=`` function raised, or returned something that is not ``str`` or ``bytes``
+    (or a key longer than 65,535 bytes encoded). The message names the index; nothing
+    was stored for it."""
+
+
+class DuplicateKeyError(KeyFunctionError):
+    """The ``key=`` function returned the same key for two different indices (named in
+    the message): their samples would share one record. Nothing was stored for the
+    second index."""
+
+
+class KeyedCacheError(KvCacheError, TypeError):
+    """A keyed cache (filled with ``key=``) was read by index without its key function,
+    or an index-keyed one by key. Pass ``key=`` (``open_cache(path, key=fn)``), or read
+    by key with ``open_cache(path).by_key(k)`` / ``kvcache get PATH --key K``."""

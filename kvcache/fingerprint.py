@@ -4,6 +4,10 @@ By default a fingerprint is made of the source's class (module and qualified nam
 length and a hash of its class's source code where Python can read it, plus the user's
 ``version=`` salt; ``fingerprint=`` replaces all of that with the user's own string. The
 parts are stored in the cache, so a mismatch can say which part changed.
+
+A keyed source (``key=``) leaves the length out (appending or removing items keeps the
+cache: each record is found by its key) and adds ``"keyed": True``, so a cache filled by
+index and one filled by key never share a fingerprint.
 """
 
 from __future__ import annotations
@@ -24,21 +28,24 @@ def _class_source_hash(cls: type) -> str | None:
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
-def compute_parts(source: Any, version: str | int | None, fingerprint: str | None) -> dict[str, Any]:
-    """The parts of ``source``'s fingerprint, as a JSON-able dict."""
+def compute_parts(source: Any, version: str | int | None, fingerprint: str | None,
+                  keyed: bool = False) -> dict[str, Any]:
+    """The parts of ``source``'s fingerprint, as a JSON-able dict (``keyed``: the
+    source's records are stored by ``key=``; its length is then no part of it)."""
     if fingerprint is not None:
-        return {"fingerprint": str(fingerprint)}
+        return {"fingerprint": str(fingerprint), "keyed": True} if keyed else {"fingerprint": str(fingerprint)}
     cls = type(source)
-    try:
-        length = len(source)
-    except TypeError:
-        length = None
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "length": length,
-        "source_hash": _class_source_hash(cls),
-        "version": None if version is None else str(version),
-    }
+    parts: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    if keyed:
+        parts["keyed"] = True
+    else:
+        try:
+            parts["length"] = len(source)
+        except TypeError:
+            parts["length"] = None
+    parts["source_hash"] = _class_source_hash(cls)
+    parts["version"] = None if version is None else str(version)
+    return parts
 
 
 def digest(parts: dict[str, Any]) -> str:

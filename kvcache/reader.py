@@ -37,8 +37,13 @@ class CachedReader:
 
     It reads these attributes, which the dataset sets up: ``path``, ``source``,
     ``verify``, ``_len``, ``_lru``, ``_stats``, ``_env``, ``_store``, ``_fp_read``,
-    ``_transform``, ``_writer``; and calls ``_handle()`` (this process's open
-    environment), ``_compute(i)`` (a miss) and ``_warn_once(key, message)``.
+    ``_transform``, ``_writer``, ``_keyfn`` (a :class:`kvcache.keys.KeyFunction`, or
+    None for an index-keyed cache); and calls ``_handle()`` (this process's open
+    environment), ``_compute(i, ...)`` (a miss) and ``_warn_once(key, message)``.
+
+    A keyed cache's reads (:meth:`_get_keyed`, :meth:`_getitems_keyed`) are the same
+    steps with the LMDB key and checksum seed from ``_keyfn(i)`` instead of the index;
+    the LRU is keyed by the LMDB key there.
     """
 
     __slots__ = ()
@@ -55,6 +60,8 @@ class CachedReader:
     def __getitem__(self, index: int) -> Any:
         # The hot path (a cached read) is inlined: one read txn, one get, one decode,
         # no per-item syscall. Anything unusual falls back to _lookup, which handles it.
+        if self._keyfn is not None:
+            return self._get_keyed(index)
         n = self._len
         if type(index) is int and n is not None and 0 <= index < n:
             i = index
@@ -101,6 +108,8 @@ class CachedReader:
         network, a file larger than memory), the records' pages are first fetched
         concurrently (:mod:`kvcache.coldread`): a batch costs a few round trips, not one
         per record."""
+        if self._keyfn is not None:
+            return self._getitems_keyed(indices)
         e = self._handle()
         n = self._len
         idx = [i if type(i) is int and 0 <= i < n else self._index(i) for i in indices]  # type: ignore[operator]
@@ -174,29 +183,151 @@ class CachedReader:
             return [t(v) for v in out]
         return out
 
-    def _lookup(self, txn: Any, i: int) -> Any:
-        """The decoded sample at ``i`` from ``txn``, or ``_STALE`` when it must be computed."""
+    def _get_keyed(self, index: int) -> Any:
+        """``__getitem__`` of a keyed cache: the same steps, by the key of ``index``."""
+        n = self._len
+        if type(index) is int and n is not None and 0 <= index < n:
+            i = index
+        else:
+            i = self._index(index)
+        lk, seed, kb = self._keyfn(i)  # KeyFunctionError before anything is read or stored
+        lru = self._lru
+        if lru is not None:
+            rec = lru.get(lk)
+            if rec is not None:
+                self._stats.lru_hits += 1
+                value = _decode(rec, False)
+                return value if self._transform is None else self._transform(value)
+        e = self._env
+        if e is None or e.dead:
+            e = self._handle()
         try:
-            buf = txn.get(_key(i))
+            txn = e.env.begin(e.samples, None, False, True)
+        except lmdb.Error:
+            txn = self._store.begin()
+        try:
+            try:
+                buf = txn.get(lk)
+                value = _STALE if buf is None else _decode(buf, self.verify, self._fp_read, seed)
+            except lmdb.Error as exc:
+                value = self._damaged(i, translate(exc, self.path), lk)
+            except (codec.StaleRecord, CorruptRecordError):
+                value = self._lookup(txn, i, lk, seed)
+            else:
+                if value is not _STALE:
+                    self._stats.hits += 1
+                    if lru is not None and len(buf) <= lru.max_item:
+                        lru.put(lk, bytes(buf))
+        finally:
+            txn.abort()
+        if value is _STALE:
+            value = self._compute(i, lk, seed, kb)
+        if self._transform is not None:
+            return self._transform(value)
+        return value
+
+    def _getitems_keyed(self, indices: Sequence[int]) -> list:
+        """``__getitems__`` of a keyed cache: every key first (a key function that fails
+        fails the batch before anything is read), then one read transaction."""
+        e = self._handle()
+        n = self._len
+        idx = [i if type(i) is int and 0 <= i < n else self._index(i) for i in indices]  # type: ignore[operator]
+        kf = self._keyfn
+        keys = [kf(i) for i in idx]
+        if e.cold:  # as in __getitems__: fetch the records' pages concurrently first
+            _fetch(e.env, e.samples, [k[0] for k in keys], 16 if e.lockfree else 4)
+        out: list[Any] = []
+        todo: list[int] = []
+        lru = self._lru
+        verify, fp = self.verify, self._fp_read
+        head, keyed, plans, xxh = _unpack_head, _HEAD_KEYED, _PLANS, _checksum
+        hits = 0
+        try:
+            txn = e.env.begin(e.samples, None, False, True)
+        except lmdb.Error:
+            txn = self._store.begin()
+        try:
+            get_rec = txn.get
+            for i, (lk, seed, _kb) in zip(idx, keys):
+                if lru is not None:
+                    rec = lru.get(lk)
+                    if rec is not None:
+                        self._stats.lru_hits += 1
+                        out.append(_decode(rec, False))
+                        continue
+                try:
+                    buf = get_rec(lk)
+                except lmdb.Error as exc:  # a damaged tree: this txn is dead, start another
+                    v = self._damaged(i, translate(exc, self.path), lk)
+                    txn.abort()
+                    txn = self._store.begin()
+                    get_rec = txn.get
+                else:
+                    # as in __getitems__ (codec.decode's steps inlined); a keyed cache's
+                    # records are all KEYED: anything else goes to _lookup
+                    v = _SLOW
+                    if buf is None:
+                        v = _STALE
+                    elif len(buf) >= 24:
+                        h, cs, f, ll = head(buf, 0)
+                        if f == fp and h == keyed:
+                            body = 24 + ll
+                            try:
+                                v = plans[buf[24:body]](buf, body)
+                            except Exception:  # noqa: BLE001 - _lookup sorts it out
+                                v = _SLOW
+                            else:
+                                if verify and xxh(buf[16:], seed) != cs:
+                                    v = _SLOW
+                    if v is _SLOW:
+                        v = self._lookup(txn, i, lk, seed)
+                    elif v is not _STALE:
+                        hits += 1
+                        if lru is not None and len(buf) <= lru.max_item:
+                            lru.put(lk, bytes(buf))
+                if v is _STALE:
+                    todo.append(len(out))
+                out.append(v)
+        finally:
+            txn.abort()
+            self._stats.hits += hits
+        for pos in todo:
+            out[pos] = self._compute(idx[pos], *keys[pos])
+        if self._writer.rows:
+            self._writer.maybe_flush()
+        if self._transform is not None:
+            t = self._transform
+            return [t(v) for v in out]
+        return out
+
+    def _lookup(self, txn: Any, i: int, lk: bytes | None = None, seed: int | None = None) -> Any:
+        """The decoded sample at ``i`` from ``txn``, or ``_STALE`` when it must be computed
+        (``lk``, ``seed``: a keyed record's LMDB key and checksum seed)."""
+        if lk is None:
+            key, seed, wkey = _key(i), i, i
+        else:
+            key = wkey = lk
+        try:
+            buf = txn.get(key)
         except lmdb.Error as exc:
-            return self._damaged(i, translate(exc, self.path))
+            return self._damaged(i, translate(exc, self.path), wkey)
         if buf is None:
             return _STALE
         try:
-            value = _decode(buf, self.verify, self._fp_read, i)
+            value = _decode(buf, self.verify, self._fp_read, seed)
         except codec.StaleRecord:
             self._stats.stale += 1
             return _STALE
         except CorruptRecordError as exc:
-            return self._damaged(i, exc)
+            return self._damaged(i, exc, wkey)
         self._stats.hits += 1
         lru = self._lru
         if lru is not None and len(buf) <= lru.max_item:
-            lru.put(i, bytes(buf))
+            lru.put(wkey, bytes(buf))
         return value
 
-    def _damaged(self, i: int, exc: KvCacheError) -> Any:
-        if self._writer.pending(i) is None:  # count a damaged record once, not once per read
+    def _damaged(self, i: int, exc: KvCacheError, wkey: Any = None) -> Any:
+        if self._writer.pending(i if wkey is None else wkey) is None:  # count a damaged record once
             self._stats.corrupt += 1
         if self.source is None:
             if isinstance(exc, CorruptRecordError):

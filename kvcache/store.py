@@ -13,7 +13,8 @@ file may kill (``maintenance/_scan``, which reports rather than raises).
 One environment directory holds ``data.mdb``, ``lock.mdb``, ``kvcache.lock`` and
 ``kvcache.valid`` (the structural stamp), with three named databases:
 
-* ``samples``: key (8-byte big-endian index) -> record (see :mod:`kvcache.codec`)
+* ``samples``: key (8-byte big-endian index; in a keyed cache, the 16-byte digest of
+  the user's key, :mod:`kvcache.keys`) -> record (see :mod:`kvcache.codec`)
 * ``meta``:    key -> metadata row (fingerprint id, checksum, byte size, layout; the
   format is :mod:`kvcache.codec`'s), written in the same transaction as the record
 * ``info``:    format version, codec version, fingerprints and their parts, current
@@ -109,7 +110,7 @@ class Rows:
         if not txn.put(key, record, db=self.samples, overwrite=False):
             if keep_fp is not None:
                 old = txn.get(key, db=self.samples)
-                if codec.checksum_ok(old, index_of(key)) and codec.read_header(old)[0] == keep_fp:
+                if codec.checksum_ok(old, codec.seed_of(key)) and codec.read_header(old)[0] == keep_fp:
                     return False
             txn.put(key, record, db=self.samples)
         if not txn.put(key, meta_row, db=self.meta, overwrite=False):
@@ -315,15 +316,16 @@ class Store:
 
     # -- writes
 
-    def write_records(self, rows: Iterable[tuple[int, bytes, bytes]], fp_id: int) -> int:
-        """Store ``(index, record, meta_row)`` rows in one transaction; return how many
-        were written. A key that already holds a valid record of ``fp_id`` is kept
-        (first writer wins); a stale or corrupt one is replaced.
+    def write_records(self, rows: Iterable[tuple[int | bytes, bytes, bytes]], fp_id: int) -> int:
+        """Store ``(index, record, meta_row)`` rows in one transaction (in a keyed cache
+        the index is the record's LMDB key, bytes); return how many were written. A key
+        that already holds a valid record of ``fp_id`` is kept (first writer wins); a
+        stale or corrupt one is replaced.
 
         Raises:
             CacheFullError, CacheReadOnlyError, CacheWriteError.
         """
-        batch = {key_of(i): (rec, meta) for i, rec, meta in rows}  # dedupe within the txn
+        batch = {i if type(i) is bytes else key_of(i): (rec, meta) for i, rec, meta in rows}  # dedupe
         stamp = json.dumps(time.time()).encode()
 
         def put_all(w: Rows) -> int:
@@ -348,14 +350,28 @@ class Store:
             except lmdb.Error as exc:
                 raise translate(exc, self.path) from None
 
+    def keys_of(self, fp_id: int | None) -> list[tuple[bytes, bytes | None]]:
+        """``(LMDB key, normalised user key or None)`` of every keyed record (16-byte LMDB
+        key) whose metadata row says fingerprint ``fp_id`` wrote it, in LMDB key order."""
+        if fp_id is None:
+            return []
+        e = self.handle()
+        meta_fp, meta_key = codec.meta_fp, codec.meta_key
+        with self.begin(e.meta) as txn:
+            try:
+                return [(bytes(k), meta_key(v)) for k, v in txn.cursor()
+                        if len(k) == 16 and meta_fp(v) == fp_id]
+            except lmdb.Error as exc:
+                raise translate(exc, self.path) from None
+
     def used_bytes(self) -> int:
         """What the environment uses: ``(last page + 1) * page size`` (not the file's length)."""
         return used_bytes(self.handle().env)
 
-    def delete_keys(self, indices: Iterable[int]) -> int:
-        """Delete the records and metadata rows of ``indices``; return how many records
-        were there."""
-        keys = [key_of(i) for i in indices]
+    def delete_keys(self, indices: Iterable[int | bytes]) -> int:
+        """Delete the records and metadata rows of ``indices`` (or LMDB keys, bytes);
+        return how many records were there."""
+        keys = [i if type(i) is bytes else key_of(i) for i in indices]
         return self.transact_rows(lambda w: sum(w.delete(k)[0] for k in keys))
 
     def transact_rows(self, fn: Any) -> Any:

@@ -80,7 +80,8 @@ class Writer:
         self.batch_bytes = batch_bytes
         self.batch_seconds = batch_seconds
         self.fp_id: int | None = None
-        self.rows: dict[int, tuple[bytes, bytes]] = {}
+        self.rows: dict[Any, tuple[bytes, bytes]] = {}  # index (or a keyed record's LMDB key) -> row
+        self.owners: dict[bytes, int] = {}  # a keyed row's LMDB key -> the index that computed it
         self.nbytes = 0
         self.oldest = 0.0
         self.disabled: str | None = None
@@ -89,23 +90,29 @@ class Writer:
         self._pid = 0
         self._finalizer: Any = None
 
-    def pending(self, index: int) -> bytes | None:
+    def pending(self, index: Any) -> bytes | None:
         row = self.rows.get(index)
         return row[0] if row is not None else None
 
-    def add(self, index: int, record: bytes, meta: bytes) -> None:
+    def owner(self, key: Any) -> int | None:
+        """The index whose sample is buffered under a keyed record's LMDB key ``key``."""
+        return self.owners.get(key)
+
+    def add(self, index: Any, record: bytes, meta: bytes, owner: int | None = None) -> None:
         if self.disabled or self.fp_id is None:
             return
         pid = os.getpid()  # a miss computed a sample; one syscall is noise here
         if pid != self._pid:  # first row in this process, or a forked child
             if self._pid:
-                self.rows, self.nbytes = {}, 0  # the parent's rows are the parent's to write
+                self.rows, self.owners, self.nbytes = {}, {}, 0  # the parent's rows are the parent's to write
             self._pid = pid
             self._finalizer = Finalize(self, Writer._flush_at_exit, args=(self.__dict__,), exitpriority=20)
             _LIVE.add(self)
         if not self.rows:
             self.oldest = time.monotonic()
         self.rows[index] = (record, meta)
+        if owner is not None:
+            self.owners[index] = owner
         self.nbytes += len(record)
         if (len(self.rows) >= self.batch_items or self.nbytes >= self.batch_bytes
                 or time.monotonic() - self.oldest >= self.batch_seconds):
@@ -121,7 +128,7 @@ class Writer:
         """Write the buffered rows in one transaction; return how many were written."""
         if not self.rows:
             return 0
-        rows, self.rows, self.nbytes = self.rows, {}, 0
+        rows, self.rows, self.owners, self.nbytes = self.rows, {}, {}, 0
         if self.fp_id is None:
             return 0
         if self.disabled or time.monotonic() < self.retry_at:
@@ -150,7 +157,7 @@ class Writer:
                           KvCacheWarning, stacklevel=4)
 
     def discard(self) -> None:
-        self.rows, self.nbytes = {}, 0
+        self.rows, self.owners, self.nbytes = {}, {}, 0
 
     @staticmethod
     def _flush_at_exit(state: dict) -> None:
@@ -160,7 +167,7 @@ class Writer:
         if not rows or state.get("_pid") != os.getpid():
             return
         store, fp_id = state["store"], state["fp_id"]
-        state["rows"] = {}
+        state["rows"], state["owners"] = {}, {}
         if state.get("disabled") or fp_id is None or time.monotonic() < state.get("retry_at", 0.0):
             state["stats"].write_errors += len(rows)
             return

@@ -1,0 +1,144 @@
+"""Keys that survive change: ``LmdbCachedDataset(source, path, key=fn)``.
+
+``fn(i)`` returns a stable identity of sample ``i`` (``str`` or ``bytes``: a file path
+with its mtime and size, a content hash, a database id). A keyed cache stores each
+sample under its key rather than its index, so appending, removing or reordering source
+items keeps every sample whose key is unchanged, and an index never gets another key's
+sample.
+
+How a key is stored:
+
+* the key is normalised to bytes with a type tag (:func:`key_bytes`: ``b"s"`` + UTF-8
+  for ``str``, ``b"b"`` + the bytes for ``bytes``), so ``"a"`` and ``b"a"`` differ;
+* its LMDB key is the 16-byte xxh3-128 digest of those bytes (:func:`digest`), so every
+  key costs the same to look up however long it is; an index-keyed record's LMDB key is 8
+  bytes, so the two kinds never meet;
+* the record's checksum is seeded with the digest's last 8 bytes
+  (:func:`kvcache.codec.seed_of`), binding the record to its key as an index-keyed
+  record is bound to its index;
+* the metadata row keeps the normalised key itself (:func:`kvcache.codec.meta_key`),
+  so ``open_cache(path).keys()``, ``kvcache inspect`` and ``gc`` can list keys.
+
+Two different keys with the same 128-bit digest would share a record; at 10^9 keys the
+chance is about 10^-21.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import xxhash
+
+from .errors import DuplicateKeyError, KeyFunctionError
+
+__all__ = ["MAX_KEY_BYTES", "KeyFunction", "all_keys", "digest", "duplicate", "key_bytes", "key_value"]
+
+MAX_KEY_BYTES = 0xFFFF  # the metadata row stores the key's length in 16 bits
+_MASK64 = (1 << 64) - 1
+_xxh128 = xxhash.xxh3_128_intdigest
+
+
+def key_bytes(key: Any) -> bytes:
+    """``key`` (``str`` or ``bytes``) normalised with its type tag.
+
+    Raises:
+        TypeError: another type. ValueError: longer than ``MAX_KEY_BYTES`` encoded.
+    """
+    if isinstance(key, str):
+        kb = b"s" + key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, bytes):
+        kb = b"b" + bytes(key)
+    else:
+        raise TypeError(f"a key must be str or bytes, not {type(key).__module__}.{type(key).__qualname__}")
+    if len(kb) > MAX_KEY_BYTES:
+        raise ValueError(f"a key must encode to at most {MAX_KEY_BYTES - 1} bytes, not {len(kb) - 1}")
+    return kb
+
+
+def key_value(kb: bytes) -> str | bytes:
+    """The user's key back from its normalised bytes."""
+    if kb[:1] == b"s":
+        return kb[1:].decode("utf-8", "surrogatepass")
+    return bytes(kb[1:])
+
+
+def digest(kb: bytes) -> tuple[bytes, int]:
+    """``(LMDB key, checksum seed)`` of a normalised key: one xxh3-128 hash."""
+    d = _xxh128(kb)
+    return d.to_bytes(16, "big"), d & _MASK64
+
+
+class KeyFunction:
+    """The user's ``key=`` function, checked: ``kf(i)`` -> ``(LMDB key, seed, key bytes)``.
+
+    Raises (from ``__call__``):
+        KeyFunctionError: ``fn(i)`` raised (chained), or returned a wrong type or an
+            over-long key; the message names the index.
+    """
+
+    __slots__ = ("fn", "path")
+
+    def __init__(self, fn: Callable[[int], Any], path: str) -> None:
+        self.fn, self.path = fn, path
+
+    def __call__(self, i: int) -> tuple[bytes, int, bytes]:
+        try:
+            k = self.fn(i)
+        except Exception as exc:
+            raise KeyFunctionError(
+                f"{self.path}: the key function {_name(self.fn)} raised {type(exc).__name__} for "
+                f"index {i}: {exc}") from exc
+        # the common types inline (this runs on every access); anything else through key_bytes
+        t = type(k)
+        if t is str:
+            kb = b"s" + k.encode("utf-8", "surrogatepass")
+        elif t is bytes:
+            kb = b"b" + k
+        else:
+            kb = self.check(i, k)
+        if len(kb) > MAX_KEY_BYTES:
+            kb = self.check(i, k)
+        d = _xxh128(kb)
+        return d.to_bytes(16, "big"), d & _MASK64, kb
+
+    def check(self, i: int, k: Any) -> bytes:
+        try:
+            return key_bytes(k)
+        except (TypeError, ValueError) as exc:
+            raise KeyFunctionError(
+                f"{self.path}: the key function {_name(self.fn)} returned {k!r:.80} for index {i}: "
+                f"{exc}; return a stable str or bytes identity of the sample (e.g. its file path "
+                "with mtime and size, or a content hash)") from None
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def all_keys(kf: KeyFunction, n: int) -> tuple[list[bytes], list[int], list[bytes]]:
+    """Every key of ``range(n)``: ``(LMDB keys, seeds, key bytes)``, by index.
+
+    Raises:
+        DuplicateKeyError: two indices have the same key (both are named).
+        KeyFunctionError: as :class:`KeyFunction`.
+    """
+    lks: list[bytes] = []
+    seeds: list[int] = []
+    kbs: list[bytes] = []
+    first: dict[bytes, int] = {}
+    for i in range(n):
+        lk, seed, kb = kf(i)
+        j = first.setdefault(lk, i)
+        if j != i:
+            raise duplicate(kf.path, j, i, kb)
+        lks.append(lk)
+        seeds.append(seed)
+        kbs.append(kb)
+    return lks, seeds, kbs
+
+
+def duplicate(path: str, first: int, second: int, kb: bytes) -> DuplicateKeyError:
+    """The error for two indices with one key."""
+    return DuplicateKeyError(
+        f"{path}: the key function returned the same key {key_value(kb)!r:.80} for indices {first} "
+        f"and {second}; keys must identify samples uniquely (nothing was stored for index {second})")
