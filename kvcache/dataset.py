@@ -18,7 +18,7 @@ import torch.utils.data
 from . import builder, catalog, codec
 from .errors import KeyedCacheError, KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
 from .fingerprint import compute_parts
-from .keys import KeyFunction, duplicate
+from .keys import duplicate, key_function
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
 from .reader import CachedReader
@@ -145,7 +145,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         self.verify = a["verify"]
         self.max_sample_bytes = a["max_sample_bytes"]
         self._transform = a.get("transform")
-        self._keyfn = KeyFunction(a["key"], self.path) if a.get("key") is not None else None
+        self._keyfn = key_function(a["key"], self.path) if a.get("key") is not None else None
         self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
                             create=self.source is not None, map_size=a["map_size"],
                             max_map_size=a["max_map_size"], readahead=a["readahead"],
