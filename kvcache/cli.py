@@ -110,6 +110,10 @@ def _size(n: int | None) -> str:
     return f"{x:,.1f} {unit} ({n:,} B)"
 
 
+_KEY_HELP = ("The key function of a keyed cache (key=): the source's attribute NAME (e.g. `key` "
+             "for source.key), or a module:callable returning the key function.")
+
+
 def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -138,6 +142,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         f"path:          {r.path}",
         f"format:        kvcache format {r.format_version}, codec {r.codec_version}",
         f"fingerprint:   {fp.get('digest', '-')} (id {fp.get('id', '-')}; {len(r.fingerprints)} known)",
+        "keyed:         " + ("yes (key=: samples are stored by key; read with `kvcache get PATH --key K`)"
+                             if r.keyed else "no (samples are stored by index)"),
     ]
     for k, v in sorted((fp.get("parts") or {}).items()):
         out.append(f"  {k + ':':<13}{v}")
@@ -174,14 +180,16 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @click.option("--spot-check", type=click.IntRange(min=0), default=0, metavar="N",
               help="Recompute N random cached samples from --source and compare.")
 @click.option("--source", "source", metavar="SPEC", help="module:callable returning the source dataset.")
+@click.option("--key", "key", metavar="NAME", help=_KEY_HELP)
 @_reporting
-def verify_cmd(path: str, repair: bool, spot_check: int, source: str | None, as_json: bool) -> None:
+def verify_cmd(path: str, repair: bool, spot_check: int, source: str | None, key: str | None,
+               as_json: bool) -> None:
     """Check every record of the cache at PATH (in a child process). Exit 1 on problems."""
     if spot_check and not source:
         raise click.UsageError("--spot-check needs --source SPEC")
     bar = _Bar("verify", not as_json)
     try:
-        r = m.verify(path, repair=repair, spot_check=spot_check, source=source, progress=bar.arg())
+        r = m.verify(path, repair=repair, spot_check=spot_check, source=source, key=key, progress=bar.arg())
     finally:
         bar.close()
     if as_json:
@@ -250,13 +258,28 @@ def compact_cmd(path: str, as_json: bool) -> None:
                f"reclaimed: {_size(r.reclaimed)}")
 
 
-@_path_command("gc")
-def gc_cmd(path: str, as_json: bool) -> None:
-    """Drop records written by sources other than the current one."""
-    r = m.gc(path)
+@cli.command("gc")
+@click.argument("path", type=click.Path())
+@click.option("--source", "source", metavar="SPEC",
+              help="module:callable returning the current source: with --key, also drop records of "
+                   "a keyed cache whose keys the source no longer has.")
+@click.option("--key", "key", metavar="NAME", help=_KEY_HELP)
+@click.option("--version", "version", default=None, help="The fingerprint's version= salt.")
+@_reporting
+def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, as_json: bool) -> None:
+    """Drop records written by sources other than the current one (and, with --source and
+    --key, records of a keyed cache whose keys the source no longer has)."""
+    if (source is None) != (key is None):
+        raise click.UsageError("--source and --key go together (gc by the keys of a keyed cache's source)")
+    src = keyfn = None
+    if source is not None:
+        src = m.load_spec(source)
+        keyfn = m.load_key(key, src)  # type: ignore[arg-type]
+    r = m.gc(path, src, keyfn, version=version)
     if as_json:
         return _json(r)
-    click.echo(f"removed {r.removed:,} records of other sources; kept {r.kept:,}\n"
+    gone = f" (of them {r.unkeyed:,} whose keys the source no longer has)" if source is not None else ""
+    click.echo(f"removed {r.removed:,} records of other sources{gone}; kept {r.kept:,}\n"
                f"file bytes: {_size(r.file_bytes)}; `kvcache compact` would reclaim about "
                f"{_size(r.compact_would_reclaim)}")
 
@@ -349,15 +372,29 @@ def publish_cmd(src: str, dest: str, force: bool, as_json: bool) -> None:
 
 @cli.command("get")
 @click.argument("path", type=click.Path())
-@click.argument("index", type=int)
+@click.argument("index", type=int, required=False)
+@click.option("--key", "key", metavar="K", help="Read the sample stored under key K (a keyed cache, "
+              "filled with key=; K is the str the key function returned).")
+@click.option("--key-hex", "key_hex", metavar="HEX", help="As --key, for a bytes key (given in hex).")
 @click.option("--out", type=click.Path(file_okay=False), help="Write each array leaf as DIR/<leaf>.npy.")
 @_reporting
-def get_cmd(path: str, index: int, out: str | None, as_json: bool) -> None:
-    """Show the structure of sample INDEX (and write its arrays with --out)."""
-    r = m.get_sample(path, index, out)
+def get_cmd(path: str, index: int | None, key: str | None, key_hex: str | None, out: str | None,
+            as_json: bool) -> None:
+    """Show the structure of sample INDEX, or of the sample under --key K in a keyed
+    cache (and write its arrays with --out)."""
+    if sum(x is not None for x in (index, key, key_hex)) != 1:
+        raise click.UsageError("give INDEX, or --key K / --key-hex HEX for a keyed cache (one of them)")
+    if key_hex is not None:
+        try:
+            key_b: str | bytes | None = bytes.fromhex(key_hex)
+        except ValueError:
+            raise click.UsageError(f"--key-hex {key_hex!r} is not hexadecimal") from None
+    else:
+        key_b = key
+    r = m.get_sample(path, index, out, key=key_b)
     if as_json:
         return _json(r)
-    lines = [f"sample {r.index}: {r.structure}"]
+    lines = [f"sample {r.index if r.key is None else f'key {r.key!r}'}: {r.structure}"]
     for leaf in r.leaves:
         if leaf.shape is not None:
             desc = f"{leaf.kind} {leaf.dtype}[{','.join(map(str, leaf.shape))}]"

@@ -22,7 +22,6 @@ from typing import Any
 
 from . import codec
 from .errors import KvCacheError
-from .store import KEY
 
 __all__ = ["SpotCheckReport", "spot_check"]
 
@@ -67,24 +66,25 @@ def spot_check(dataset: Any, n: int, rng: random.Random | None = None, *,
         return SpotCheckReport(0, [])
     store = dataset.store
     chosen = dataset.random_cached(n, rng)
-    fresh: dict[int, tuple[bytes, bytes]] = {}
+    fresh: dict[bytes, tuple[bytes, bytes]] = {}
     mismatched: list[int] = []
     for i in chosen:
-        record, meta = codec.encode_with_meta(dataset.source[i], fp_id, i)
+        lk, seed, kb = dataset.storage_key(i)  # the index, or a keyed cache's key of it
+        record, meta = codec.encode_with_meta(dataset.source[i], fp_id, seed, kb)
         with store.begin() as txn:
-            raw = txn.get(KEY.pack(i))
+            raw = txn.get(lk)
             # the same fingerprint, layout and payload (a record written before records were
             # KEYED differs only in its flags and checksum)
-            same = raw is not None and codec.checksum_ok(raw, i) and raw[16:] == record[16:]
+            same = raw is not None and codec.checksum_ok(raw, seed) and raw[16:] == record[16:]
         if same:
             continue
         mismatched.append(i)
-        fresh[i] = (record, meta)
+        fresh[lk] = (record, meta)
     repaired = 0
     if repair and fresh and store.writable:
         try:
             store.delete_keys(fresh)  # write_records keeps a valid record of the same fp
-            repaired = store.write_records(((i, r, m) for i, (r, m) in fresh.items()), fp_id)
+            repaired = store.write_records(((k, r, m) for k, (r, m) in fresh.items()), fp_id)
         except KvCacheError:
             repaired = 0  # a cache that cannot be written still gets its report
     return SpotCheckReport(len(chosen), sorted(mismatched), repaired)

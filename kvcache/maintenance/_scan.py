@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import codec, layout
 from ..errors import CorruptRecordError
+from ..keys import digest
 from ..extent import used_bytes
 from ..store import FORMAT_VERSION, KEY, LOCK_NAME, Rows
 
@@ -108,8 +109,21 @@ def _decodes(raw: Any, index: int) -> None:
         codec.decode(raw, True, None, index)
 
 
-def _check_record(raw: Any, meta: bytes | None, index: int) -> str | None:
-    """Why the record stored at ``index`` is bad, or None."""
+def _name(kb: bytes) -> int | str | None:
+    """How a report names the record at LMDB key ``kb``: its index (8-byte key), the key's
+    hex (16 bytes: a keyed cache's digest of the user's key), None for any other length."""
+    if len(kb) == KEY.size:
+        return KEY.unpack(kb)[0]
+    return kb.hex() if len(kb) == 16 else None
+
+
+def _order(x: int | str) -> tuple[bool, Any]:
+    return isinstance(x, str), x
+
+
+def _check_record(raw: Any, meta: bytes | None, index: int, kb: bytes | None = None) -> str | None:
+    """Why the record stored at ``index`` (the checksum seed: ``codec.seed_of`` of its
+    LMDB key ``kb``) is bad, or None."""
     try:
         fp, checksum, _ = codec.read_header(raw)
         _decodes(raw, index)  # its length is checked before the checksum reads it all
@@ -123,6 +137,9 @@ def _check_record(raw: Any, meta: bytes | None, index: int) -> str | None:
             return "metadata row does not match the record"
         if codec.meta_layout(meta) != codec.record_layout(raw):
             return "metadata layout does not match the record"
+        user_key = codec.meta_key(meta)
+        if kb is not None and len(kb) == 16 and user_key is not None and digest(user_key)[0] != kb:
+            return "the metadata row's key does not hash to the record's LMDB key"
     return None
 
 
@@ -178,17 +195,17 @@ def scan(path: str) -> dict:
                     kb = bytes(k)
                     seen.add(kb)
                     res["checked"] += 1
-                    if len(kb) != KEY.size:
+                    name = _name(kb)
+                    if name is None:
                         res["errors"].append(f"samples: a key of {len(kb)} bytes")
                         continue
-                    i = KEY.unpack(kb)[0]
                     m = mtxn.get(kb)
-                    why = _check_record(v, None if m is None else bytes(m), i)
+                    why = _check_record(v, None if m is None else bytes(m), codec.seed_of(kb), kb)
                     if why:
-                        res["bad"].append(i)
-                        res["reasons"][str(i)] = why
+                        res["bad"].append(name)
+                        res["reasons"][str(name)] = why
                     elif m is None:
-                        res["orphans"].append(i)
+                        res["orphans"].append(name)
                     if res["checked"] % _PROGRESS_EVERY == 0:
                         _emit({"done": res["checked"]})
             finally:
@@ -196,11 +213,12 @@ def scan(path: str) -> dict:
         if len(seen) != total:
             res["errors"].append(f"samples: the database says {total} records, a walk found {len(seen)}")
         for kb in meta_keys - seen:
-            if len(kb) == KEY.size:
-                res["orphans"].append(KEY.unpack(kb)[0])
+            name = _name(kb)
+            if name is not None:
+                res["orphans"].append(name)
             else:
                 res["errors"].append(f"meta: a key of {len(kb)} bytes")
-        res["orphans"].sort()
+        res["orphans"].sort(key=_order)
     except lmdb.Error as exc:
         res["errors"].append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -208,7 +226,7 @@ def scan(path: str) -> dict:
     return res
 
 
-def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
+def salvage(path: str, dest: str, skip: set[int | str], skip_walks: set[str]) -> dict:
     """Copy every good record (and the info rows) of ``path`` into a new env at ``dest``."""
     src = _open(path)
     out = lmdb.open(dest, subdir=True, create=True, max_dbs=4, map_size=max(src.info()["map_size"], 1 << 24))
@@ -254,21 +272,23 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
     except lmdb.Error as exc:
         _emit({"error": f"samples: {exc}"})
         return {"copied": 0}
-    batch: list[tuple[bytes, bytes]] = []
+    batch: list[tuple[bytes, bytes, bytes | None]] = []
 
     def commit() -> None:
         with out.begin(write=True) as otxn:
             rows = Rows(otxn, o_samples, o_meta, o_info)  # recounts the copied info's tally
-            for kb, rec in batch:
-                rows.put(kb, rec, codec.meta_row_of(rec))
+            for kb, rec, user_key in batch:
+                rows.put(kb, rec, codec.meta_row_of(rec, user_key))
             rows.save()
         batch.clear()
 
+    try:
+        meta = src.open_db(b"meta", create=False)
+    except lmdb.Error:
+        meta = None
     for kb in sorted(keys):
-        if len(kb) != KEY.size:
-            continue
-        i = KEY.unpack(kb)[0]
-        if i in skip:
+        i = _name(kb)
+        if i is None or i in skip:
             continue
         _emit({"try": i})
         try:
@@ -276,9 +296,19 @@ def salvage(path: str, dest: str, skip: set[int], skip_walks: set[str]) -> dict:
                 rec = txn.get(kb)
         except lmdb.Error:
             continue
-        if rec is None or _check_record(rec, None, i):
+        if rec is None or _check_record(rec, None, codec.seed_of(kb)):
             continue
-        batch.append((kb, rec))
+        user_key = None
+        if len(kb) == 16 and meta is not None:  # a keyed record: keep its key if the row still has it
+            try:
+                with src.begin(db=meta) as txn:
+                    row = txn.get(kb)
+                    user_key = None if row is None else codec.meta_key(row)
+            except lmdb.Error:
+                user_key = None
+            if user_key is not None and digest(user_key)[0] != kb:
+                user_key = None  # a damaged row: the record is kept, its key is not known
+        batch.append((kb, rec, user_key))
         copied += 1
         if len(batch) >= 256:
             commit()

@@ -28,13 +28,16 @@ class LeafValue:
 @dataclass
 class SampleReport:
     path: str
-    index: int
+    index: int | None  # None when read by key
     structure: str  # e.g. "tuple(tensor, int)"
     leaves: list[LeafValue] = field(default_factory=list)
+    key: str | bytes | None = None  # the key it was read by (a keyed cache)
 
 
-def get_sample(path: str | os.PathLike, index: int, out: str | os.PathLike | None = None) -> SampleReport:
-    """Read sample ``index`` of the cache (checksum verified) and describe it.
+def get_sample(path: str | os.PathLike, index: int | None = None, out: str | os.PathLike | None = None,
+               *, key: str | bytes | None = None) -> SampleReport:
+    """Read sample ``index`` of the cache, or the sample stored under ``key`` in a keyed
+    cache (checksum verified), and describe it.
 
     Args:
         out: a directory; each array or tensor leaf is written there as a ``.npy`` file
@@ -43,12 +46,16 @@ def get_sample(path: str | os.PathLike, index: int, out: str | os.PathLike | Non
             bfloat16).
 
     Raises:
-        NotACacheError, MissingSampleError, CorruptRecordError.
+        NotACacheError, MissingSampleError, CorruptRecordError; KeyedCacheError: an index
+        of a keyed cache (read it by key), or a key of an index-keyed one; ValueError:
+        both or neither of ``index`` and ``key``.
     """
+    if (index is None) == (key is None):
+        raise ValueError("give an index or a key (key= for a keyed cache), not both or neither")
     path = check_cache(path)
     with CacheView(path) as view:
-        sample = view[index]
-    rep = SampleReport(path=path, index=index, structure=_structure(sample))
+        sample = view[index] if key is None else view.by_key(key)
+    rep = SampleReport(path=path, index=index, structure=_structure(sample), key=key)
     if out is not None:
         os.makedirs(out, exist_ok=True)
     _walk(sample, "sample", rep.leaves, None if out is None else os.fspath(out))

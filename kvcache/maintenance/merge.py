@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .. import catalog, codec
 from ..errors import CorruptRecordError, StaleCacheError
 from ..fingerprint import diff_parts
+from ..keys import digest
 from ..store import KEY, Store
 from ..view import CacheView
 from ._common import check_cache
@@ -23,7 +24,8 @@ class MergeReport:
     sources: list[str]
     copied: int = 0  # records written into dest
     already_present: int = 0  # keys dest already held (first writer wins)
-    bad: dict[str, list[int]] = field(default_factory=dict)  # source -> indices failing checksum
+    # source -> records failing their checksum: indices, or a keyed cache's LMDB keys in hex
+    bad: dict[str, list[int | str]] = field(default_factory=dict)
     entries: int = 0  # current records in dest afterwards
 
     @property
@@ -67,21 +69,28 @@ def merge(dest: str | os.PathLike, srcs: list[str | os.PathLike]) -> MergeReport
             bad = rep.bad.setdefault(s, [])
             with CacheView(s, verify=False) as v:
                 e = v.store.handle()
-                rows: list[tuple[int, bytes, bytes]] = []
+                rows: list[tuple[bytes, bytes, bytes]] = []
                 with v.store.begin(e.samples) as txn:
                     for k, raw in txn.cursor():
-                        i = KEY.unpack(bytes(k))[0]
+                        lk = bytes(k)
+                        # an index (8-byte key) or a keyed cache's digest (16 bytes)
+                        name = KEY.unpack(lk)[0] if len(lk) == KEY.size else lk.hex()
+                        seed = codec.seed_of(lk)
                         try:
                             if codec.read_header(raw)[0] != fp["id"]:
                                 continue
-                            if not codec.checksum_ok(raw, i):
+                            if not codec.checksum_ok(raw, seed):
                                 raise CorruptRecordError("checksum mismatch")
-                            rec = codec.with_fp(raw, fp_id, i)
-                            meta = codec.meta_row_of(rec)
+                            rec = codec.with_fp(raw, fp_id, seed)
+                            row = txn.get(lk, db=e.meta) if len(lk) != KEY.size else None
+                            user_key = None if row is None else codec.meta_key(row)
+                            if user_key is not None and digest(user_key)[0] != lk:
+                                user_key = None  # a damaged row: the sample is right, its key unknown
+                            meta = codec.meta_row_of(rec, user_key)
                         except CorruptRecordError:
-                            bad.append(i)
+                            bad.append(name)
                             continue
-                        rows.append((i, rec, meta))
+                        rows.append((lk, rec, meta))
                         if len(rows) >= BATCH:
                             _write(store, rows, fp_id, rep)
                 _write(store, rows, fp_id, rep)

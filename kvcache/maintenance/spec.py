@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["load_spec"]
+__all__ = ["load_key", "load_spec"]
 
 
 def load_spec(spec: str) -> Any:
@@ -40,3 +40,21 @@ def load_spec(spec: str) -> Any:
     if not callable(fn):
         raise ValueError(f"source spec {spec!r}: {target} has no callable {name!r}")
     return fn()
+
+
+def load_key(key: str, source: Any) -> Any:
+    """The key function (``key=``) named by ``key`` for ``source``: the source's attribute
+    of that name (a method, e.g. ``"key"`` for ``source.key``), or a ``module:callable``
+    spec whose callable returns the key function (called with no arguments).
+
+    Raises:
+        ValueError: nothing callable by that name.
+    """
+    if ":" in key:
+        fn = load_spec(key)
+    else:
+        fn = getattr(source, key, None)
+    if not callable(fn):
+        raise ValueError(f"key {key!r}: neither a callable attribute of the source "
+                         f"({type(source).__qualname__}) nor a module:callable returning a key function")
+    return fn

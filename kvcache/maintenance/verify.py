@@ -21,7 +21,7 @@ from ..pubrecord import file_digest, publish_record
 from ..store import KEY, Rows, Store, count_rows
 from ..tally import TALLY_KEY, Tally
 from ._common import exclusive, open_raw, sibling_dir, swap_in, used_bytes
-from .spec import load_spec
+from .spec import load_key, load_spec
 
 __all__ = ["VerifyReport", "scan", "verify"]
 
@@ -41,9 +41,10 @@ class VerifyReport:
     ok: bool
     checked: int = 0
     entries: int = 0
-    bad: list[int] = field(default_factory=list)  # checksum, decoding or metadata mismatch
+    # records are named by index, or in a keyed cache by the hex of their 16-byte LMDB key
+    bad: list[int | str] = field(default_factory=list)  # checksum, decoding or metadata mismatch
     reasons: dict[str, str] = field(default_factory=dict)  # index -> why it is bad
-    orphans: list[int] = field(default_factory=list)  # a record without its metadata row or the reverse
+    orphans: list[int | str] = field(default_factory=list)  # a record without its metadata row or the reverse
     errors: list[str] = field(default_factory=list)  # structural problems
     signal: str | None = None  # the signal that killed the scan, e.g. "SIGBUS"
     repaired: bool = False
@@ -186,14 +187,17 @@ def _check_tally(rep: VerifyReport) -> None:
                 rep.tally_ok = stored.agrees_with(count_rows(txn, e.meta))
 
 
-def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: bool) -> None:
+def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: bool,
+                key: str | None = None) -> None:
     """Recompute ``n`` cached samples with :func:`kvcache.integrity.spot_check`."""
     from ..dataset import LmdbCachedDataset  # torch lives there; keep this module light
     from ..integrity import spot_check
 
+    source = load_spec(source_spec)
+    keyfn = None if key is None else load_key(key, source)
     # on_stale="error": a source of another fingerprint is refused, naming what differs
-    with LmdbCachedDataset(load_spec(source_spec), path, on_stale="error", readonly=not repair,
-                           lru_bytes=0) as ds:
+    with LmdbCachedDataset(source, path, on_stale="error", readonly=not repair,
+                           lru_bytes=0, key=keyfn) as ds:
         sc = spot_check(ds, n, repair=repair)
     rep.spot_checked, rep.spot_mismatches, rep.spot_repaired = sc.checked, sc.mismatched, sc.repaired
     if sc.mismatched:
@@ -216,7 +220,7 @@ def _salvage(path: str) -> int:
             os.truncate(os.path.join(src, "data.mdb"), need)
     except KvCacheError:
         pass  # the salvage child reports what it can
-    skip: set[int] = set()
+    skip: set[int | str] = set()
     skip_walks: set[str] = set()
     state: dict[str, Any] = {}
     try:
@@ -231,7 +235,7 @@ def _salvage(path: str) -> int:
                 elif "result" in msg:
                     state["result"] = msg["result"]
 
-            rc, err = _run_child([src, "--salvage", tmp, json.dumps(sorted(skip)),
+            rc, err = _run_child([src, "--salvage", tmp, json.dumps(sorted(skip, key=str)),
                                   json.dumps(sorted(skip_walks))], on_line)
             if "result" in state:
                 break
@@ -253,7 +257,7 @@ def _salvage(path: str) -> int:
         shutil.rmtree(src, ignore_errors=True)
 
 
-def _remove(path: str, indices: list[int], recount: bool = False) -> int:
+def _remove(path: str, indices: list[int | str], recount: bool = False) -> int:
     """Delete ``indices`` in one transaction (and recount the tally with ``recount``).
 
     Raises:
@@ -266,7 +270,7 @@ def _remove(path: str, indices: list[int], recount: bool = False) -> int:
         with env.begin(write=True) as txn:
             rows = Rows(txn, *dbs, recount=recount)  # keeps the tally of metadata rows
             for i in indices:
-                n += sum(rows.delete(KEY.pack(i)))
+                n += sum(rows.delete(bytes.fromhex(i) if isinstance(i, str) else KEY.pack(i)))
             rows.save()
         return n
     except lmdb.Error as exc:
@@ -276,7 +280,7 @@ def _remove(path: str, indices: list[int], recount: bool = False) -> int:
 
 
 def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0,
-           source: str | None = None, progress: Any = False) -> VerifyReport:
+           source: str | None = None, key: str | None = None, progress: Any = False) -> VerifyReport:
     """Check every record of the cache at ``path`` in a child process.
 
     The child walks every database and checks each record's checksum, that it decodes,
@@ -291,6 +295,8 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
             ``module:callable`` spec) and compare checksums with
             :func:`kvcache.integrity.spot_check`: catches a changed source. With
             ``repair``, each mismatched record is replaced by the recomputed one.
+        key: a keyed cache's key function for the spot check: the source's attribute of
+            that name, or a ``module:callable`` returning it (:func:`load_key`).
         progress: True for a progress line on stderr, or a callable ``(done, total)``.
 
     Raises:
@@ -306,7 +312,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
     _check_tally(rep)
     _check_record(rep, path)
     if rep.ok and spot_check:
-        _spot_check(rep, path, source, spot_check, repair)  # type: ignore[arg-type]
+        _spot_check(rep, path, source, spot_check, repair, key)  # type: ignore[arg-type]
     if not repair or (rep.ok and rep.tally_ok):
         return rep
     if rep.spot_mismatches:  # the spot check replaced them; the scan below checks the result
@@ -316,7 +322,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
             removed = None
             if not (rep.signal or rep.errors):
                 try:
-                    removed = _remove(path, sorted(set(rep.bad) | set(rep.orphans)),
+                    removed = _remove(path, list(set(rep.bad) | set(rep.orphans)),
                                       recount=not rep.tally_ok)
                 except KvCacheError:  # deleting met a broken page: copy what is good instead
                     removed = None
