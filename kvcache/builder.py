@@ -45,7 +45,7 @@ from .stats import BuildReport
 from .store import KEY, Store
 
 __all__ = ["BATCH_ITEMS", "BuildJob", "Filled", "Sink", "Target", "build", "cached_set", "check_job",
-           "encode_rows", "fill", "missing", "sample_cached", "start_method", "warn_too_large"]
+           "encode_rows", "fill", "missing", "plan", "sample_cached", "start_method", "warn_too_large"]
 
 BATCH_ITEMS = 4096  # records per write transaction (a commit costs an fsync)
 BATCH_BYTES = 64 << 20
@@ -55,7 +55,7 @@ MAX_TASK = 4096
 INFLIGHT = 4  # tasks queued per worker
 SERIAL_CHUNK = 64  # items computed between progress updates without workers
 
-Row = tuple[int, bytes, bytes]  # (index, record, metadata row)
+Row = tuple[Any, bytes, bytes]  # (index, or a keyed record's LMDB key; record; metadata row)
 
 
 def start_method(method: str | None = None) -> str:
@@ -65,22 +65,28 @@ def start_method(method: str | None = None) -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def encode_rows(source: Any, indices: Sequence[int], fp_id: int,
+def encode_rows(source: Any, indices: Sequence[Any], fp_id: int,
                 max_bytes: int) -> tuple[list[Row], list[int]]:
     """Compute and encode ``source[i]`` for each index: the rows to write, and the indices
-    whose record is over ``max_bytes`` (served uncached, so not written)."""
+    whose record is over ``max_bytes`` (served uncached, so not written). An item of a
+    keyed build is ``(index, LMDB key, seed, key bytes)`` (:func:`kvcache.keys.missing_keys`):
+    its row is written under the LMDB key, with the key in its metadata row."""
     rows: list[Row] = []
     big: list[int] = []
-    for i in indices:
-        i = int(i)
+    for item in indices:
+        if type(item) is tuple:
+            i, key, seed, kb = item
+        else:
+            i = key = seed = int(item)
+            kb = None
         try:
-            record, meta = codec.encode_with_meta(source[i], fp_id, i)
+            record, meta = codec.encode_with_meta(source[i], fp_id, seed, kb)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > max_bytes:
             big.append(i)
             continue
-        rows.append((i, record, meta))
+        rows.append((key, record, meta))
     return rows, big
 
 
@@ -244,13 +250,14 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
         BuildError: a worker process died. Whatever the source raises.
     """
     out = Filled()
-    todo = np.asarray(todo, dtype=np.int64)
+    if not isinstance(todo, list):  # a keyed build's items are tuples (see encode_rows)
+        todo = np.asarray(todo, dtype=np.int64)
     try:
         if workers <= 0:
             k, step = 0, 1
             while k < len(todo):
                 t0 = time.perf_counter()
-                rows, big = encode_rows(source, todo[k:k + step].tolist(), sink.fp_id, max_bytes)
+                rows, big = encode_rows(source, _items(todo[k:k + step]), sink.fp_id, max_bytes)
                 k, n = k + step, len(rows) + len(big)
                 out.too_large += big
                 sink.add(rows, n)
@@ -267,7 +274,7 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
     return out
 
 
-def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: int, method: str,
+def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, method: str,
           factory: Callable[[], Any] | None, out: Filled) -> None:
     ctx = mp.get_context(method)
     # Never hold an environment across fork (kvcache.env); under fork every worker is
@@ -298,7 +305,7 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
         size = 4 if not per_item else int(min(max(TASK_SECONDS / per_item, 1), MAX_TASK))
         size = max(1, min(size, -(-(len(todo) - pos) // workers)))  # even out the tail
         try:
-            pending.add(ex.submit(_task, todo[pos:pos + size].tolist()))
+            pending.add(ex.submit(_task, _items(todo[pos:pos + size])))
         except BrokenProcessPool:
             raise BuildError(f"{sink.path}: a build worker died at start; every committed "
                              "batch is kept: run the build again to resume") from None
@@ -330,6 +337,10 @@ def _pool(source: Any, sink: Sink, todo: np.ndarray, workers: int, max_bytes: in
         take({f for f in pending if f.done() and not f.cancelled() and f.exception() is None})
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _items(part: Any) -> list:
+    return part.tolist() if isinstance(part, np.ndarray) else part
 
 
 @contextlib.contextmanager
@@ -380,6 +391,7 @@ class BuildJob:
     path: str
     parts: dict[str, Any] | None  # the fingerprint's parts: ranks compare their digest
     open: Callable[[], Target]
+    key: Callable[[int], Any] | None = None  # a keyed cache's key function (key=)
 
 
 def _open_writable(job: BuildJob) -> Target:
@@ -411,7 +423,7 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
     t0 = time.perf_counter()
     t = _open_writable(job)
     n = t.length
-    todo = missing(t.store, t.fp_id, n)
+    todo = plan(job, t)
     bar = progress_for(progress, "build")
     if bar is not None:
         bar.start(len(todo))
@@ -425,6 +437,18 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
     return BuildReport(n, done.written, n - len(todo), time.perf_counter() - t0, path=t.path,
                        workers=max(num_workers, 1), interrupted=done.interrupted,
                        too_large=len(done.too_large))
+
+
+def plan(job: BuildJob, t: Target) -> Any:
+    """What a build computes: the missing indices (an int64 array), or for a keyed cache
+    the ``(index, LMDB key, seed, key bytes)`` of every index whose key is not cached (a
+    list; every key is computed here first, and a duplicate raises before anything is
+    built)."""
+    if job.key is None:
+        return missing(t.store, t.fp_id, t.length)
+    from .keys import key_function, missing_keys
+
+    return missing_keys(t.store, t.fp_id, key_function(job.key, t.path), t.length, t.path)
 
 
 def check_job(job: BuildJob, num_workers: int) -> None:

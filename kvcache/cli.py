@@ -293,12 +293,13 @@ def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, 
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes computing samples (1: this one; N > 1: N workers, this one writes).")
 @click.option("--version", "version", default=None, help="The fingerprint's version= salt.")
+@click.option("--key", "key", metavar="NAME", help="Build a keyed cache (key=). " + _KEY_HELP)
 @click.option("--distributed", is_flag=True,
               help="Share the work among the ranks of a torch.distributed job (run under torchrun; "
                    "gloo on CPU): rank 0 writes PATH on its machine; the other ranks only compute.")
 @_reporting
-def build_cmd(spec: str, path: str, workers: int, version: str | None, distributed: bool,
-              as_json: bool) -> None:
+def build_cmd(spec: str, path: str, workers: int, version: str | None, key: str | None,
+              distributed: bool, as_json: bool) -> None:
     """Fill every missing index of the cache at PATH from SPEC (module:callable).
 
     Resumable: an interrupted build (Ctrl-C) keeps what it wrote; run it again.
@@ -306,7 +307,7 @@ def build_cmd(spec: str, path: str, workers: int, version: str | None, distribut
     bar = _Bar("build", not as_json)
     try:
         r = m.build(spec, path, workers=workers, version=version, progress=bar.arg(),
-                    distributed=distributed)
+                    distributed=distributed, key=key)
     finally:
         bar.close()
     if r.rank == 0:

@@ -349,7 +349,8 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
     def build_job(self) -> builder.BuildJob:
         """This dataset as a build sees it: its source, fingerprint parts and path, and a
         callable that opens it for the build (for kvcache's build code; not a stable API)."""
-        return builder.BuildJob(self.source, self.path, self.fingerprint_parts, self._build_target)
+        return builder.BuildJob(self.source, self.path, self.fingerprint_parts, self._build_target,
+                                self._args.get("key"))
 
     def _build_target(self) -> builder.Target:
         fp_id = self.fingerprint_id  # opens this process's environment

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .builder import BuildJob, Sink, Target, check_job, fill, missing, warn_too_large
+from .keys import key_function, missing_keys
 from .errors import BuildError, CacheReadOnlyError, KvCacheError
 from .fingerprint import digest
 from .progress import progress_for
@@ -67,7 +68,7 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
     rank, _world = _group()
     return _run(job.source, digest(job.parts), job.path, job.open if rank == 0 else None,
                 num_workers=num_workers, progress=progress, start_method=start_method,
-                source_factory=source_factory)
+                source_factory=source_factory, key=job.key)
 
 
 def build_source(job: BuildJob, *, num_workers: int = 0, progress: Any = False,
@@ -175,7 +176,8 @@ class Exchange:
 
 
 def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | None, *, num_workers: int, progress: Any,
-         start_method: str | None, source_factory: Callable[[], Any] | None) -> BuildReport:
+         start_method: str | None, source_factory: Callable[[], Any] | None,
+         key: Callable[[int], Any] | None = None) -> BuildReport:
     rank, world = _group()
     t0 = time.perf_counter()
     head: list[Any] = [None]
@@ -189,7 +191,11 @@ def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | No
             if fp_id is None or not target.store.writable:
                 raise CacheReadOnlyError(target.store.handle().readonly_reason
                                          or f"{path}: the cache cannot be written on rank 0's machine")
-            todo = missing(target.store, fp_id, target.length)
+            if key is None:
+                todo = missing(target.store, fp_id, target.length)
+            else:  # every key computed and checked for duplicates here; ranks key their share
+                items = missing_keys(target.store, fp_id, key_function(key, path), target.length, path)
+                todo = np.array([it[0] for it in items], dtype=np.int64)
             head[0] = {"fp_id": fp_id, "n": target.length, "todo": len(todo),
                        "max_bytes": target.max_sample_bytes}
         except (KvCacheError, OSError, ValueError) as exc:
@@ -209,7 +215,7 @@ def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | No
     shared = torch.from_numpy(todo) if rank == 0 else torch.empty(h["todo"], dtype=torch.int64)
     if h["todo"]:
         dist.broadcast(shared, src=0)
-    share = shared.numpy()[rank::world]
+    share: Any = shared.numpy()[rank::world]
     bar = progress_for(progress, "build") if rank == 0 else None
     if bar is not None:
         bar.start(h["todo"])
@@ -218,6 +224,9 @@ def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | No
     interrupted = ok = False
     try:
         try:
+            if key is not None:  # a keyed build: each rank keys its share with its own key function
+                kf = key_function(key, path)
+                share = [(i, *kf(i)) for i in share.tolist()]
             done = fill(source, ex, share, workers=num_workers, max_bytes=h["max_bytes"],
                         method=start_method, source_factory=source_factory)
         except Exception as exc:

@@ -32,7 +32,8 @@ import xxhash
 
 from .errors import DuplicateKeyError, KeyFunctionError
 
-__all__ = ["MAX_KEY_BYTES", "KeyFunction", "all_keys", "digest", "duplicate", "key_bytes", "key_function", "key_value"]
+__all__ = ["MAX_KEY_BYTES", "KeyFunction", "all_keys", "digest", "duplicate", "key_bytes", "key_function", "key_value",
+           "missing_keys"]
 
 MAX_KEY_BYTES = 0xFFFF  # the metadata row stores the key's length in 16 bits
 _xxh128_digest = xxhash.xxh3_128_digest  # big-endian: the bytes of xxh3_128_intdigest
@@ -140,6 +141,31 @@ def all_keys(kf: KeyFunction, n: int, path: str) -> tuple[list[bytes], list[int]
         seeds.append(seed)
         kbs.append(kb)
     return lks, seeds, kbs
+
+
+def missing_keys(store: Any, fp_id: int | None, kf: KeyFunction, n: int,
+                 path: str) -> list[tuple[int, bytes, int, bytes]]:
+    """What a keyed build computes: ``(index, LMDB key, seed, key bytes)`` of every index
+    of ``range(n)`` whose key holds no record of ``fp_id`` in ``store`` (a
+    :class:`kvcache.store.Store`), in index order. Every key is computed first (``kf`` is
+    called ``n`` times, here, in the building process) and checked for duplicates; then
+    one metadata row is read per key, in one read transaction.
+
+    Raises:
+        DuplicateKeyError, KeyFunctionError: as :func:`all_keys` (nothing is built).
+    """
+    from . import codec  # kvcache.keys is imported by the scan child: codec only where needed
+
+    lks, seeds, kbs = all_keys(kf, n, path)
+    out = []
+    meta_fp = codec.meta_fp
+    with store.begin(store.handle().meta) as txn:
+        get = txn.get
+        for i, lk in enumerate(lks):
+            row = get(lk)
+            if row is None or meta_fp(row) != fp_id:
+                out.append((i, lk, seeds[i], kbs[i]))
+    return out
 
 
 def duplicate(path: str, first: int, second: int, kb: bytes) -> DuplicateKeyError:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fingerprint import compute_parts
 from ..stats import BuildReport
-from .spec import load_spec
+from .spec import load_key, load_spec
 
 if TYPE_CHECKING:
     from ..builder import Target
@@ -23,7 +23,8 @@ __all__ = ["BuildReport", "build"]
 
 
 def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str | int | None = None,
-          progress: Any = False, distributed: bool = False, start_method: str | None = None) -> BuildReport:
+          progress: Any = False, distributed: bool = False, start_method: str | None = None,
+          key: str | None = None) -> BuildReport:
     """Compute and store every index of the source that the cache does not hold yet.
 
     ``spec`` (``module:callable`` or ``path/to/file.py:callable``) returns the source
@@ -39,6 +40,9 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
             group (initialised from torchrun's environment if it is not yet); only rank 0
             opens ``path`` and writes (see :mod:`kvcache.distributed`).
         start_method: the workers' start method (fork where available, else spawn).
+        key: build a keyed cache (``key=``): the key function is the source's attribute
+            of that name (e.g. ``"key"`` for ``source.key``) or a ``module:callable``
+            returning it (:func:`kvcache.maintenance.load_key`).
 
     Returns:
         a report with ``items_per_s``; ``interrupted`` is True after Ctrl-C.
@@ -51,19 +55,20 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
     from ..dataset import LmdbCachedDataset
 
     source = load_spec(spec)
+    keyfn = None if key is None else load_key(key, source)
     factory = functools.partial(load_spec, spec)
     num_workers = workers if workers > 1 else 0
     kw = dict(num_workers=num_workers, progress=progress, start_method=start_method, source_factory=factory)
     with contextlib.ExitStack() as opened:
         if not distributed:
-            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version))
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn))
             return run(ds.build_job(), **kw)
         from ..distributed import build_source
 
         def open_target() -> Target:  # rank 0 alone opens (and creates) the cache
-            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version))
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn))
             return ds.build_job().open()
 
-        job = BuildJob(source, os.path.abspath(os.fspath(path)), compute_parts(source, version, None),
-                       open_target)
+        job = BuildJob(source, os.path.abspath(os.fspath(path)),
+                       compute_parts(source, version, None, keyfn is not None), open_target, keyfn)
         return build_source(job, **kw)
