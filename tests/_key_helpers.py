@@ -87,3 +87,19 @@ def build_rank(rank: int, world: int, init: str, path: str, source: Folder, out:
             json.dump({"computed": rep.computed, "already": rep.already_cached, "total": rep.total}, f)
     finally:
         dist.destroy_process_group()
+
+
+def folder() -> Folder:
+    """``kvcache build`` spec: ``KVKEY_N`` names (default 40)."""
+    return Folder(names(int(os.environ.get("KVKEY_N", "40"))))
+
+
+def fewer() -> Folder:
+    """The same folder with every fourth name removed, in reverse order."""
+    return Folder([n for k, n in enumerate(reversed(names(int(os.environ.get("KVKEY_N", "40"))))) if k % 4])
+
+
+def name_key():
+    """A ``module:callable`` key spec: returns a key function by index (the names of ``folder()``)."""
+    ns = folder().names
+    return ns.__getitem__
