@@ -80,7 +80,7 @@ def encode_rows(source: Any, indices: Sequence[Any], fp_id: int,
             i = key = seed = int(item)
             kb = None
         try:
-            record, meta = codec.encode_with_meta(source[i], fp_id, seed, kb)
+            record, meta = codec.encode_with_meta(source[i], fp_id, seed, key=kb)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > max_bytes:

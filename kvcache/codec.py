@@ -169,7 +169,7 @@ def meta_layout(row: Any) -> bytes:
     return bytes(row[_key_end(row):])
 
 
-def encode_with_meta(sample: Any, fp_id: int, index: int, key: bytes | None = None) -> tuple[bytes, bytes]:
+def encode_with_meta(sample: Any, fp_id: int, index: int, *, key: bytes | None = None) -> tuple[bytes, bytes]:
     """``(record, metadata row)`` of ``sample`` stored at ``index`` (a KEYED record):
     ``index`` is the checksum seed (:func:`seed_of` its LMDB key), ``key`` the normalised
     user key of a keyed cache's record, kept in the metadata row.

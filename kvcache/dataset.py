@@ -230,7 +230,12 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
     def _last_index(self) -> int:
         with self._store.begin() as txn:
             cur = txn.cursor()
-            return KEY.unpack(bytes(cur.key()))[0] if cur.last() else -1
+            if not cur.last():
+                return -1
+            for k in cur.iterprev(keys=True, values=False):  # past a keyed source's 16-byte keys
+                if len(k) == KEY.size:
+                    return KEY.unpack(bytes(k))[0]
+            return -1
 
     def _handle(self) -> Any:
         e = self._env
@@ -270,7 +275,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
                 self._warn_once("unstored", f"kvcache: {self._unstored}")
             return sample
         try:
-            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, kb)  # type: ignore[arg-type]
+            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, key=kb)  # type: ignore[arg-type]
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > self.max_sample_bytes:

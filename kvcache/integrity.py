@@ -70,7 +70,7 @@ def spot_check(dataset: Any, n: int, rng: random.Random | None = None, *,
     mismatched: list[int] = []
     for i in chosen:
         lk, seed, kb = dataset.storage_key(i)  # the index, or a keyed cache's key of it
-        record, meta = codec.encode_with_meta(dataset.source[i], fp_id, seed, kb)
+        record, meta = codec.encode_with_meta(dataset.source[i], fp_id, seed, key=kb)
         with store.begin() as txn:
             raw = txn.get(lk)
             # the same fingerprint, layout and payload (a record written before records were

@@ -155,8 +155,9 @@ class CacheView(Mapping):
         return self.store.indices_of(self._fp())
 
     def __iter__(self) -> Iterator[Any]:
-        if self.keyed:  # the stored keys (a row whose key was lost in a salvage is left out)
-            return iter([key_value(kb) for _lk, kb in self.store.keys_of(self._fp()) if kb is not None])
+        if self.keyed:  # the stored keys (a row whose key was lost or damaged is left out)
+            return iter([key_value(kb) for lk, kb in self.store.keys_of(self._fp())
+                         if kb is not None and digest(kb)[0] == lk])
         return iter(self._indices())
 
     def __len__(self) -> int:

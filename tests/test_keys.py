@@ -15,6 +15,7 @@ from helpers import same
 from torch.utils.data import DataLoader
 
 from kvcache import (
+    CorruptRecordError,
     DuplicateKeyError,
     KeyedCacheError,
     KeyFunctionError,
@@ -291,3 +292,34 @@ def test_a_record_copied_to_another_key_is_not_served(tmp_path):
             assert same(ds[4], src.expected(4)) and ds.stats().corrupt == 1
     with open_cache(path) as v:
         assert same(v.by_key(names(6)[4]), src.expected(4))  # repaired by the recompute
+
+
+def test_getitems_and_getitem_agree_on_damaged_keyed_records(tmp_path):
+    path = str(tmp_path / "c")
+    src = Folder(names(12))
+    with LmdbCachedDataset(src, path, key=src.key) as ds:
+        ds.build()
+        e = ds.store.handle()
+        for i, how in ((2, "flip"), (5, "short"), (8, "other")):
+            lk = ds.storage_key(i)[0]
+            rec = bytearray(ds.store.begin().get(lk))
+            if how == "flip":
+                rec[30] ^= 1
+            elif how == "short":
+                rec = rec[:-3]
+            else:
+                rec = bytearray(ds.store.begin().get(ds.storage_key(9)[0]))
+            ds.store.transact(lambda txn, lk=lk, rec=bytes(rec): txn.put(lk, rec, db=e.samples))
+    saved = {}
+    with LmdbCachedDataset(None, path, key=src.key) as ds:  # without a source: each is refused
+        for i in (2, 5, 8):
+            with pytest.raises(CorruptRecordError):
+                ds[i]
+            with pytest.raises(CorruptRecordError):
+                ds.__getitems__([0, i])
+        saved = {i: ds[i] for i in (0, 1, 9)}
+    assert all(same(v, src.expected(i)) for i, v in saved.items())
+    with pytest.warns(Warning, match="damaged"):
+        with LmdbCachedDataset(src, path, key=src.key) as ds:  # with it: recomputed, in a batch too
+            got = ds.__getitems__(list(range(12)))
+            assert all(same(v, src.expected(i)) for i, v in enumerate(got)) and ds.stats().corrupt == 3

@@ -83,7 +83,7 @@ def main() -> None:
     def getitems(ds):
         return lambda o: [ds.__getitems__(o[k:k + 256]) for k in range(0, len(o), 256)]
 
-    kf = keyed._args["key"]
+    kf = src.key
     step = keyed.storage_key
     rows: dict[str, list[float]] = {k: [] for k in ("index ds[i]", "keyed ds[i]", "index getitems",
                                                     "keyed getitems", "key fn alone", "key step")}

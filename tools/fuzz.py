@@ -21,6 +21,9 @@ once; a fork costs milliseconds, a fresh interpreter seconds):
    epoch with 2 workers, ``close()``;
 6. ``kvcache verify --repair``, then ``kvcache verify``, which must find the cache clean.
 
+With ``--keyed`` the base cache is a keyed one (``key=fuzz_key``: ``"item-0042"``) and every
+step passes the key function (the view reads its stored keys back as indices).
+
 Each seed is classified by the worst thing that happened: ``signal`` (the child or a
 DataLoader worker died of one), ``hang`` (past ``--timeout``), ``foreign`` (an exception
 that is not a ``KvCacheError``, or a CLI exit that calls a damaged cache "not a cache"),
@@ -74,6 +77,17 @@ class FuzzSource(torch.utils.data.Dataset):
         side = 48 if i % 16 == 0 else 32
         g = np.random.default_rng(i)
         return (torch.from_numpy(g.integers(0, 256, (3, side, side), dtype=np.uint8)), i)
+
+
+KEY: Any = None  # --keyed: the key function every step passes (key=)
+
+
+def fuzz_key(i: int) -> str:
+    return f"item-{i:04d}"
+
+
+def _kw() -> dict:
+    return {} if KEY is None else {"key": KEY}
 
 
 def expected(i: int) -> tuple:
@@ -219,9 +233,14 @@ def child_steps(path: str, quick: bool) -> dict:
     idx = list(range(N))
 
     def view() -> None:
-        with kvcache.open_cache(path) as v:
+        with kvcache.open_cache(path, **_kw()) as v:
             v.info()
             keys = list(v.keys())
+            if KEY is not None:  # the stored keys, as the indices they were made from (v[i] reads by key)
+                bad = [k for k in keys if not (isinstance(k, str) and k[:5] == "item-" and k[5:].isdigit())]
+                if bad:
+                    s.note("view", "wrong", f"keys {bad[:3]!r}")
+                keys = [int(k[5:]) for k in keys if k not in bad]
             _items(s, "view", v.__getitem__, keys)  # MissingSampleError / CorruptRecordError: refused
 
             def get(i: int) -> Any:  # Mapping.get: the default (None) for a missing index
@@ -235,7 +254,7 @@ def child_steps(path: str, quick: bool) -> dict:
     s.run("view", view)
 
     def nosource() -> None:
-        ds = kvcache.LmdbCachedDataset(None, path)
+        ds = kvcache.LmdbCachedDataset(None, path, **_kw())
         try:
             n = min(len(ds), N)
             _items(s, "source=None", ds.__getitem__, range(n))
@@ -247,7 +266,7 @@ def child_steps(path: str, quick: bool) -> dict:
     s.run("source=None", nosource)
 
     def readonly() -> None:
-        with kvcache.LmdbCachedDataset(src, path, readonly=True) as ds:
+        with kvcache.LmdbCachedDataset(src, path, readonly=True, **_kw()) as ds:
             _items(s, "readonly", ds.__getitem__, idx)
 
     s.run("readonly", readonly)
@@ -256,7 +275,7 @@ def child_steps(path: str, quick: bool) -> dict:
         _cli(s, "verify", ["verify", path])
 
     def with_source() -> None:
-        with kvcache.LmdbCachedDataset(src, path) as ds:
+        with kvcache.LmdbCachedDataset(src, path, **_kw()) as ds:
             _items(s, "source", ds.__getitem__, idx)
             _check_batch(s, "source", s.run("source", lambda: ds.__getitems__(idx)), idx)
             if not quick:
@@ -279,7 +298,7 @@ def child_steps(path: str, quick: bool) -> dict:
 
 def build_base(root: str) -> str:
     path = os.path.join(root, "base")
-    with kvcache.LmdbCachedDataset(FuzzSource(), path) as ds:
+    with kvcache.LmdbCachedDataset(FuzzSource(), path, **_kw()) as ds:
         ds.build()
     kvcache.publish(path, os.path.join(root, "published"))  # the base of the "published" kind
     return path
@@ -370,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every seed's record here")
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--merge", nargs="+", default=None, help="print one table from these --json files")
+    p.add_argument("--keyed", action="store_true", help="a keyed cache (key=), every step with its key function")
     a = p.parse_args(argv)
+    global KEY
+    KEY = fuzz_key if a.keyed else None
     if a.merge:
         recs = [r for f in a.merge for r in json.load(open(f))]
         seeds = sorted(r["seed"] for r in recs)
@@ -402,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(recs, f, indent=1)
-    mode = "quick (no DataLoader/CLI steps)" if a.quick else "all steps"
+    mode = ("quick (no DataLoader/CLI steps)" if a.quick else "all steps") + (", keyed" if a.keyed else "")
     print(f"\n{len(recs)} seeds ({a.start}..{a.start + a.n - 1}), {mode}, {time.monotonic() - t0:.0f}s\n")
     print(table(recs))
     return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0

@@ -42,6 +42,10 @@ class Demo(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)),
                 "label": int(rng.integers(10))}
 
+    def key(self, i: int) -> str:
+        """A stable identity of sample ``i`` (``--key key``): its file name, say."""
+        return f"img/{i + self.seed:06d}.png"
+
 
 def demo() -> Demo:
     return Demo()
@@ -50,6 +54,16 @@ def demo() -> Demo:
 def changed() -> Demo:
     """The same class and length, other samples: what a changed data file looks like."""
     return Demo(seed=1)
+
+
+def grown() -> Demo:
+    """The demo with 200 items appended."""
+    return Demo(N + 200)
+
+
+def shrunk() -> Demo:
+    """The demo with its last 500 items removed."""
+    return Demo(N - 500)
 
 
 HERE = os.path.abspath(__file__)
@@ -167,6 +181,20 @@ def main() -> None:
         run("publish", "cache", "shared/cache", note="Publishing over an existing cache needs `--force`:")
         run("publish", "--force", "cache", "shared/cache")
         run("compact", "shared/cache", note="A published cache is never changed in place:")
+        h("Keyed caches (`--key`)", """
+            `kvcache build SPEC PATH --key NAME` builds a keyed cache (`key=` in Python): each
+            sample is stored under the key the source's method NAME returns for it (or a
+            `module:callable` returning the key function), so appending, removing or
+            reordering items keeps every sample whose key is unchanged.""")
+        run("build", SPEC, "keyed", "--key", "key")
+        run("build", SPEC.replace(":demo", ":grown"), "keyed", "--key", "key",
+            note="200 items appended: only they are computed.")
+        run("inspect", "keyed", note="Inspect says the cache is keyed (its fingerprint has no length):")
+        run("get", "keyed", "--key", "img/000003.png", note="`kvcache get PATH --key K` reads by key:")
+        run("get", "keyed", "3", note="A keyed cache has no index without its key function:")
+        run("gc", "keyed", "--source", SPEC.replace(":demo", ":shrunk"), "--key", "key",
+            note="With the current source (here 500 items removed, the 200 appended gone too), "
+                 "`gc` drops the records whose keys the source no longer has:")
         _write(args.out, sections)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -41,3 +41,14 @@ def test_fuzz_200_seeds_quick():
 @pytest.mark.slow
 def test_fuzz_36_seeds_every_step():
     _fuzz("36", "--start", "200000", timeout=900)
+
+
+def test_fuzz_a_keyed_cache_briefly():
+    out = _fuzz("6", "--quick", "--keyed", "--start", "7100", timeout=300)
+    assert "keyed" in out
+
+
+@pytest.mark.slow
+def test_fuzz_a_keyed_cache_200_seeds_quick_and_24_every_step():
+    _fuzz("200", "--quick", "--keyed", "--start", "300000", timeout=900)
+    _fuzz("24", "--keyed", "--start", "310000", timeout=900)
