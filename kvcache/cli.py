@@ -278,8 +278,12 @@ def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, 
     r = m.gc(path, src, keyfn, version=version)
     if as_json:
         return _json(r)
-    gone = f" (of them {r.unkeyed:,} whose keys the source no longer has)" if source is not None else ""
-    click.echo(f"removed {r.removed:,} records of other sources{gone}; kept {r.kept:,}\n"
+    if source is not None:
+        what = (f"removed {r.removed:,} records: {r.removed - r.unkeyed:,} of other sources, {r.unkeyed:,} "
+                "whose keys the source no longer has")
+    else:
+        what = f"removed {r.removed:,} records of other sources"
+    click.echo(f"{what}; kept {r.kept:,}\n"
                f"file bytes: {_size(r.file_bytes)}; `kvcache compact` would reclaim about "
                f"{_size(r.compact_would_reclaim)}")
 

@@ -104,8 +104,8 @@ class CacheView(Mapping):
         if self.keyed:
             if self._keyfn is None:
                 raise KeyedCacheError(
-                    f"{self.path} is a keyed cache (filled with key=): read it by key "
-                    f"(view.by_key(k), view[k]), or open it with open_cache(path, key=fn) to read by index")
+                    f"{self.path} is a keyed cache (filled with key=): read it by key (`kvcache get PATH "
+                    "--key K`, open_cache(path).by_key(k)), or by index with open_cache(path, key=fn)")
             lk, seed, kb = self._keyfn(i)
             return lk, seed, f"index {i} (key {key_value(kb)!r:.80})"
         return KEY.pack(i), i, f"index {i}"
