@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 from typing import Any, Callable
 
 import torch.utils.data
 
 from . import builder, catalog, codec
-from .errors import KeyedCacheError, KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
+from .errors import CacheCorruptError, KeyedCacheError, KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
 from .fingerprint import compute_parts
 from .keys import duplicate, key_function
 from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
 from .reader import CachedReader
+from .selfrepair import CHECK_EVERY_S, Recovering, file_id
 from .store import KEY, Store
 from .writeback import Writer
 
@@ -29,9 +31,10 @@ __all__ = ["BuildReport", "CacheStats", "LmdbCachedDataset"]
 
 _ON_STALE = ("recompute", "reset", "error")
 _decode = codec.decode
+_monotonic = time.monotonic
 
 
-class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
+class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
     """Wrap a map-style dataset so every sample is computed once and read from LMDB after.
 
     Args:
@@ -95,9 +98,18 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
     opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
     processes on many hosts can read one at once.
 
+    A damaged cache never stops a dataset that has a source (:mod:`kvcache.selfrepair`):
+    a damaged overflow page is repaired in place and its record recomputed; a damaged tree
+    is salvaged (the intact records kept, in a child process, by one process under the
+    writer lock) where the cache can be written, and otherwise samples are served from the
+    source without the cache; one ``KvCacheWarning`` says which, and ``self_repair`` holds
+    the details. The same happens when damage appears while the file is open (an LMDB
+    error, a run of bad checksums, ``data.mdb`` replaced or truncated).
+
     Raises:
-        NotACacheError, IncompatibleCacheError, StaleCacheError, CacheCorruptError,
-        CacheBusyError: at construction, for a path that cannot be used.
+        NotACacheError, IncompatibleCacheError, StaleCacheError, CacheBusyError: at
+        construction, for a path that cannot be used. CacheCorruptError: a damaged cache
+        and no source.
     """
 
     def __init__(self, source: Any, path: str | os.PathLike, *, version: str | int | None = None,
@@ -121,7 +133,7 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         )
         self._setup()
         try:
-            self._prepare()  # validate the path now, in the constructing process
+            self._prepare(wait=True)  # validate the path now, in the constructing process
         except BaseException:
             self._store.close()  # e.g. StaleCacheError: keep no environment (nor its lock) open
             raise
@@ -161,6 +173,11 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
         self._warned: set[str] = set()
         self._unstored: str | None = None  # why misses are not stored (published/network cache)
         self._closed = False
+        self.self_repair: Any = None  # a selfrepair.SelfRepair when the cache was found damaged
+        self._suspect = False  # damage seen while open: walk the file again before going on
+        self._corrupt_base = 0
+        self._next_check = 0.0
+        self._file_id: tuple | None = None  # (dev, ino, size) of data.mdb when last looked at
 
     @property
     def transform(self) -> Callable[[Any], Any] | None:
@@ -183,12 +200,19 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
 
     # -- opening
 
-    def _prepare(self) -> Any:
+    def _prepare(self, wait: bool = False) -> Any:
         """Open this process's environment and match the source's fingerprint."""
         if self._closed:
             raise ValueError(f"{self.path}: I/O on a closed LmdbCachedDataset")
-        e = self._store.handle()
         src = self.source
+        try:
+            e = self._store.handle()
+        except CacheCorruptError as exc:
+            if src is None:
+                raise
+            e = self._recover(exc, wait)
+        self._file_id = file_id(self.path)
+        self._next_check = _monotonic() + CHECK_EVERY_S
         keyed = self._keyfn is not None
         parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"], keyed)
         length = None if src is None else len(src)
@@ -239,6 +263,8 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
 
     def _handle(self) -> Any:
         e = self._env
+        if self._next_check <= _monotonic():
+            e = self._check_file()
         if e is None or e.dead:
             e = self._prepare()
         return e
@@ -268,11 +294,15 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
                 f"{self.path}: index {i} is not in the cache and there is no source to compute it "
                 "(open with the source dataset to fill it)"
             )
+        if self._next_check <= _monotonic():
+            self._check_file()
         sample = self.source[i]
         self._stats.misses += 1
         if w.disabled or self._fp_id is None or self._store.readonly:
             if self._unstored is not None:
                 self._warn_once("unstored", f"kvcache: {self._unstored}")
+            elif w.failed:  # write-back stopped for good after a write failure: count it
+                self._stats.write_errors += 1
             return sample
         try:
             record, meta = codec.encode_with_meta(sample, self._fp_id, seed, key=kb)  # type: ignore[arg-type]
@@ -442,3 +472,4 @@ class LmdbCachedDataset(CachedReader, torch.utils.data.Dataset):
     def __repr__(self) -> str:
         src = type(self.source).__name__ if self.source is not None else None
         return f"LmdbCachedDataset(source={src}, path={self.path!r}, len={self._len})"
+

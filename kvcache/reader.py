@@ -39,7 +39,8 @@ class CachedReader:
     ``verify``, ``_len``, ``_lru``, ``_stats``, ``_env``, ``_store``, ``_fp_read``,
     ``_transform``, ``_writer``, ``_keyfn`` (a :class:`kvcache.keys.KeyFunction`, or
     None for an index-keyed cache); and calls ``_handle()`` (this process's open
-    environment), ``_compute(i, ...)`` (a miss) and ``_warn_once(key, message)``.
+    environment), ``_compute(i, ...)`` (a miss), ``_warn_once(key, message)`` and
+    ``_note_damage(exc)`` (damage seen: the dataset looks at the file again).
 
     A keyed cache's reads (:meth:`_get_keyed`, :meth:`_getitems_keyed`) are the same
     steps with the LMDB key and checksum seed from ``_keyfn(i)`` instead of the index;
@@ -329,6 +330,8 @@ class CachedReader:
     def _damaged(self, i: int, exc: KvCacheError, wkey: Any = None) -> Any:
         if self._writer.pending(i if wkey is None else wkey) is None:  # count a damaged record once
             self._stats.corrupt += 1
+        if self._note_damage(exc) and self.source is not None:
+            return _STALE  # a damaged tree: the dataset looks at the file again, and one warning says what it did
         if self.source is None:
             if isinstance(exc, CorruptRecordError):
                 raise CorruptRecordError(

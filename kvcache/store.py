@@ -207,6 +207,15 @@ class Store:
             self._e = e
         return e
 
+    def stand_in(self, reason: str) -> Env:
+        """Replace this store's environment by an empty read-only one holding no file
+        (every read misses; writes raise CacheReadOnlyError(``reason``)): a dataset with a
+        source serves from it when its cache is damaged and cannot be repaired here."""
+        self.close()
+        e = self._e = absent_env(self.path, reason)
+        e.refs = 1
+        return e
+
     @property
     def writable(self) -> bool:
         return not self.readonly and not self.handle().readonly

@@ -41,7 +41,7 @@ from typing import Iterator
 
 from .errors import CacheCorruptError
 
-__all__ = ["STAMP_NAME", "identity", "remember", "restamp", "stamp_matches", "stamping", "validate",
+__all__ = ["STAMP_NAME", "forget", "identity", "remember", "restamp", "stamp_matches", "stamping", "validate",
            "validated", "walks"]
 
 STAMP_NAME = "kvcache.valid"
@@ -141,6 +141,16 @@ def walks() -> int:
     return _WALKS[0]
 
 
+def forget(path: str) -> None:
+    """Drop what this process and the sidecar stamp remember of ``path``: the next
+    opener walks the file again (damage was seen in a file that was stamped valid)."""
+    _MEMO.pop(path, None)
+    try:
+        os.unlink(os.path.join(path, STAMP_NAME))
+    except OSError:
+        pass
+
+
 def validated(path: str) -> tuple | None:
     """Make sure ``path``'s ``data.mdb`` has been validated: walk it unless its stamp
     matches. Returns what :func:`remember` stamps once the caller knows the directory is
@@ -223,10 +233,16 @@ def _meta(buf: bytes) -> dict | None:
     return {"psize": free[0], "free": free, "main": main, "last": last, "txnid": txnid}
 
 
-def validate(path: str) -> int | None:
+def validate(path: str, overflow_damage: list | None = None) -> int | None:
     """Walk every tree of ``path/data.mdb`` (see the module docstring); return the meta
     page's transaction id, or None when the meta pages are not LMDB's (LMDB's open then
     says what is wrong).
+
+    With a list as ``overflow_damage``, a main-tree value whose overflow run is intact in
+    place (inside the file, reached once) but whose first page's header is damaged is
+    appended to it as ``(pgno, pages, psize)`` instead of refusing the file: the value's
+    own checksum catches its bytes, and :mod:`kvcache.selfrepair` can rewrite that header
+    (LMDB reads an overflow header only to free the run, when the value is replaced).
 
     Raises:
         CacheCorruptError: the structure is damaged.
@@ -254,7 +270,7 @@ def validate(path: str) -> int | None:
         seen = bytearray((m["last"] >> 3) + 1) if m["last"] < 1 << 36 else None
         if seen is None:
             raise _Damage(f"the meta page's last page {m['last']} is absurd")
-        _Walk(fl, seen).run(m)
+        _Walk(fl, seen, overflow_damage).run(m)
         return m["txnid"]
     except _Damage as exc:
         raise CacheCorruptError(
@@ -266,8 +282,9 @@ def validate(path: str) -> int | None:
 
 
 class _Walk:
-    def __init__(self, fl: _File, seen: bytearray) -> None:
+    def __init__(self, fl: _File, seen: bytearray, overflow_damage: list | None = None) -> None:
         self.fl, self.seen = fl, seen
+        self.overflow_damage = overflow_damage
 
     def run(self, m: dict) -> None:
         self.tree(m["free"], "free")
@@ -327,12 +344,23 @@ class _Walk:
                     self.free_list(buf[kend:kend + dsize], pgno)
 
     def overflow(self, pgno: int, dsize: int, kind: str) -> None:
-        buf = self.fl.page(pgno)
-        flags = _HDR.unpack_from(buf, 0)[2]
-        pages = struct.unpack_from("<I", buf, 12)[0]  # mp_pages, over mp_lower/mp_upper
-        if flags & ~0x10 != P_OVERFLOW or pages < 1:
-            raise _Damage(f"{kind} database: page {pgno} is not the overflow page a value points to")
         psize = self.fl.psize
+        try:
+            buf = self.fl.page(pgno)
+            flags = _HDR.unpack_from(buf, 0)[2]
+            pages = struct.unpack_from("<I", buf, 12)[0]  # mp_pages, over mp_lower/mp_upper
+            if flags & ~0x10 != P_OVERFLOW or pages < 1:
+                raise _Damage(f"{kind} database: page {pgno} is not the overflow page a value points to")
+        except _Damage:
+            need = (dsize + 16 + psize - 1) // psize
+            end = pgno + need - 1
+            if (self.overflow_damage is None or kind in ("main", "free") or not 2 <= pgno <= end <= self.fl.last
+                    or (end + 1) * psize > self.fl.size):
+                raise
+            for p in range(pgno, end + 1):
+                self.mark(p)  # a run that overlaps another page is tree damage after all
+            self.overflow_damage.append((pgno, need, psize))
+            return
         if dsize > pages * psize - 16:
             raise _Damage(f"{kind} database: a value of {dsize} bytes in an overflow run of {pages} pages")
         end = pgno + pages - 1

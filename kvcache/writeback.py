@@ -85,6 +85,7 @@ class Writer:
         self.nbytes = 0
         self.oldest = 0.0
         self.disabled: str | None = None
+        self.failed = False  # disabled by a permanent write failure (later misses are write_errors)
         self.retry_at = 0.0
         self.warned: set[type] = set()
         self._pid = 0
@@ -100,6 +101,8 @@ class Writer:
 
     def add(self, index: Any, record: bytes, meta: bytes, owner: int | None = None) -> None:
         if self.disabled or self.fp_id is None:
+            if self.failed:
+                self.stats.write_errors += 1
             return
         pid = os.getpid()  # a miss computed a sample; one syscall is noise here
         if pid != self._pid:  # first row in this process, or a forked child
@@ -147,6 +150,7 @@ class Writer:
         self.stats.write_errors += n
         if permanent:
             self.disabled = str(exc)
+            self.failed = True
         else:
             self.retry_at = time.monotonic() + RETRY_AFTER
         kind = type(exc)

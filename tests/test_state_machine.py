@@ -5,8 +5,11 @@ bytes were damaged, which computed samples wait in the write buffer, and the cou
 ``stats()`` must show. Rules: reads, ``__getitems__``, ``flush``, close and reopen (with
 the source or ``source=None``), a ``version=`` bump under each ``on_stale`` mode,
 ``build()``, ``kvcache gc`` (CliRunner), ``merge`` of a second cache, damaging one record
-in place in ``data.mdb``, ``kvcache verify``, ``compact`` and ``verify --repair``,
-switching ``transform=``, and a DataLoader epoch in forked workers. After every step the
+in place in ``data.mdb``, damaging a metadata row, zeroing a leaf or branch page of the
+samples tree (the dataset repairs it at open: kvcache.selfrepair), ``kvcache verify``,
+``compact`` and ``verify --repair``, switching ``transform=``, a DataLoader epoch in fork or
+spawn workers, a second live dataset on the same path in this process, two writer
+processes at once, and publishing the cache then reading (and damaging) the published copy. After every step the
 samples served, ``stats()``, ``open_cache().keys()``, ``len`` (the stored tally),
 ``inspect`` and every stored sample agree with the model, and the warnings emitted are
 exactly the ones the model expects.
@@ -57,7 +60,7 @@ from kvcache.maintenance import inspect_cache, merge
 from kvcache.tally import TALLY_KEY, Tally
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults"))
-from _fault_helpers import patch, record_place  # noqa: E402
+from _fault_helpers import patch, record_place, walk  # noqa: E402
 
 N = 12  # samples in the source
 SALTS = (0, 1, 2)  # source versions: ImageSource(N, salt) with version=salt
@@ -80,6 +83,14 @@ class Record:
 
     salt: int  # the source version that wrote it
     damaged: bool = False
+    meta_damaged: bool = False  # its metadata row was damaged (verify reports it; reads do not care)
+
+
+def _write_subset(path: str, salt: int, subset: list) -> None:
+    """In a writer process: open the cache with the source and read ``subset``."""
+    warnings.simplefilter("ignore")
+    with LmdbCachedDataset(ImageSource(N, salt), path, version=salt) as ds:
+        ds.__getitems__(subset)
 
 
 def _flip_byte(path: str, i: int) -> None:
@@ -329,7 +340,7 @@ class CacheMachine(RuleBasedStateMachine):
         with self._step():
             res = CliRunner().invoke(cli, ["verify", "--json", self.path], catch_exceptions=False)
             report = json.loads(res.output)
-            damaged = sorted(i for i, r in self.records.items() if r.damaged)
+            damaged = sorted(i for i, r in self.records.items() if r.damaged or r.meta_damaged)
             assert (report["bad"], report["entries"]) == (damaged, len(self.records)), report
             assert res.exit_code == (1 if damaged else 0)
 
@@ -345,7 +356,7 @@ class CacheMachine(RuleBasedStateMachine):
             if command == "compact":
                 assert report["entries"] == len(self.records)
             else:
-                damaged = sorted(i for i, r in self.records.items() if r.damaged)
+                damaged = sorted(i for i, r in self.records.items() if r.damaged or r.meta_damaged)
                 assert report["bad"] == damaged and (report["after"] or report)["ok"], report
                 for i in damaged:
                     del self.records[i]
@@ -389,25 +400,141 @@ class CacheMachine(RuleBasedStateMachine):
         _flip_byte(self.path, i)
         self.records[i].damaged = True
 
-    @rule(data=st.data(), workers=st.sampled_from([1, 2]), batch_size=st.sampled_from([1, 4]))
-    def epoch(self, data, workers: int, batch_size: int) -> None:
-        """A DataLoader pass in forked workers; the parent's buffer is flushed before the
-        fork, and the workers write what they computed before they exit."""
+    @rule(data=st.data(), workers=st.sampled_from([1, 2]), batch_size=st.sampled_from([1, 4]),
+          start=st.sampled_from(["fork", "fork", "spawn"]))
+    def epoch(self, data, workers: int, batch_size: int, start: str) -> None:
+        """A DataLoader pass in fork or spawn workers; before a fork the parent's buffer
+        is flushed (a spawned worker starts without it and computes those indices itself),
+        and the workers write what they computed before they exit."""
         pool = [i for i in range(N) if self._good(i)] if self.readonly else list(range(N))
         order = data.draw(st.lists(st.sampled_from(pool), max_size=2 * N) if pool else st.just([]),
                           label="sampler")
         with self._step():
-            self._model_flush()
+            if start == "fork":
+                self._model_flush()
             loader = torch.utils.data.DataLoader(
                 self.ds, batch_size=batch_size, sampler=order, num_workers=workers,
-                multiprocessing_context="fork", collate_fn=list)
+                multiprocessing_context=start, collate_fn=list)
             got = [s for batch in loader for s in batch]
             assert len(got) == len(order)
             for i, sample in zip(order, got):
                 assert same(sample, self._served(i)), i
             if not self.readonly:
                 for i in order:
+                    if not self._good(i):
+                        self.records[i] = Record(self.salt)
+
+    @rule(subset=st.lists(st.integers(0, N - 1), max_size=N))
+    def second_dataset(self, subset: list[int]) -> None:
+        """Another live dataset on the same path in this process (it shares the process's
+        environment): it serves, computes and writes on its own; ours sees its records."""
+        with self._step():
+            ds2 = LmdbCachedDataset(ImageSource(N, self.salt), self.path, version=self.salt)
+            got = ds2.__getitems__(subset)
+            assert all(same(x, expected(self.salt, i)) for i, x in zip(subset, got))
+            if any(i in self.records and self.records[i].damaged and self.records[i].salt == self.salt
+                   for i in subset):
+                self.want_warnings.append("corrupt")  # its own warn-once
+            ds2.close()
+            for i in subset:
+                if not self._good(i):
                     self.records[i] = Record(self.salt)
+
+    @rule(a=st.lists(st.integers(0, N - 1), max_size=N), b=st.lists(st.integers(0, N - 1), max_size=N))
+    def writer_processes(self, a: list[int], b: list[int]) -> None:
+        """Two writer processes fill the cache at once while our dataset has it open."""
+        import multiprocessing
+
+        with self._step():
+            self._model_flush()  # forking flushes our buffer first
+            ctx = multiprocessing.get_context("fork")
+            procs = [ctx.Process(target=_write_subset, args=(self.path, self.salt, sub)) for sub in (a, b)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(120)
+                assert p.exitcode == 0, p.exitcode
+            for i in set(a) | set(b):
+                if not self._good(i):
+                    self.records[i] = Record(self.salt)
+
+    def _meta_damageable(self) -> list[int]:
+        return sorted(i for i, r in self.records.items() if not r.meta_damaged and i not in self.pending)
+
+    @precondition(lambda self: self._meta_damageable())
+    @rule(data=st.data())
+    def damage_meta_row(self, data) -> None:
+        """Flip the last byte of a committed metadata row (its layout): reads never consult
+        it, verify names the index, a repair drops the record with it."""
+        i = data.draw(st.sampled_from(self._meta_damageable()), label="damaged metadata row")
+        place = record_place(self.path, i, db="meta")
+        off = place["data_off"] + place["dsize"] - 1
+        with open(os.path.join(self.path, "data.mdb"), "rb") as f:
+            f.seek(off)
+            byte = f.read(1)[0]
+        patch(self.path, off, bytes([byte ^ 0x01]))
+        self.records[i].meta_damaged = True
+
+    @precondition(lambda self: not self.readonly and self.records)
+    @rule(data=st.data(), what=st.sampled_from(["leaf", "branch"]))
+    def damage_structure(self, data, what: str) -> None:
+        """Zero a page of the samples tree of a freshly compacted file (no stale copies
+        of pages), then reopen with the source: the dataset salvages every intact record
+        (the zeroed leaf's records are lost, a zeroed branch costs nothing), drops the
+        damaged ones, and warns once."""
+        with self._step():
+            self._close()
+            res = CliRunner().invoke(cli, ["compact", "--json", self.path], catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            w = walk(self.path)
+            pages = w["pages"].get("samples", {}).get(what, [])
+            if not pages:
+                self._open(self.salt)
+                return
+            pg = data.draw(st.sampled_from(sorted(pages)), label=f"zeroed {what} page")
+            lost = {int.from_bytes(k, "big") for k, r in w["records"]["samples"].items()
+                    if what == "leaf" and r["leaf"] == pg}
+            patch(self.path, pg * 4096, bytes(4096))
+            self._open(self.salt)
+            assert self.ds.self_repair is not None and self.ds.self_repair.action == "salvaged"
+            for i in list(self.records):
+                r = self.records[i]
+                if i in lost or r.damaged:
+                    del self.records[i]
+                else:
+                    r.meta_damaged = False  # salvage writes every metadata row afresh
+            self._warn("corrupt")  # the one warning that says what was repaired
+
+    @precondition(lambda self: not any(r.damaged or r.meta_damaged for r in self.records.values()))
+    @rule(zero=st.booleans())
+    def publish_and_read(self, zero: bool) -> None:
+        """Publish the cache, read every index of the published copy with the source (maybe
+        with a zeroed leaf page): every sample right, the copy never written."""
+        self.others += 1
+        dest = os.path.join(self.tmp, f"pub{self.others}")
+        with self._step():
+            self._model_flush()
+            self.ds.flush()
+            res = CliRunner().invoke(cli, ["publish", self.path, dest], catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            data = os.path.join(dest, "data.mdb")
+            if zero:
+                leaves = walk(dest)["pages"].get("samples", {}).get("leaf", [])
+                if leaves:
+                    os.chmod(data, 0o644)
+                    patch(dest, leaves[0] * 4096, bytes(4096))
+                    os.chmod(data, 0o444)
+            with open(data, "rb") as f:
+                before = f.read()
+            with warnings.catch_warnings(record=True) as got:
+                warnings.simplefilter("always", KvCacheWarning)
+                with LmdbCachedDataset(ImageSource(N, self.salt), dest, version=self.salt) as pub:
+                    assert all(same(pub[i], expected(self.salt, i)) for i in range(N))
+                    assert all(same(x, expected(self.salt, i))
+                               for i, x in enumerate(pub.__getitems__(list(range(N)))))
+            assert len(got) <= 1, [str(w.message) for w in got]
+            with open(data, "rb") as f:
+                assert f.read() == before
 
     # -- what must hold after every step
 

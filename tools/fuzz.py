@@ -4,6 +4,7 @@
     .venv/bin/python tools/fuzz.py 200 --kind span,bitflip --start 5000
     .venv/bin/python tools/fuzz.py 50 --quick              # skip the DataLoader and CLI steps
     .venv/bin/python tools/fuzz.py 0 --merge a.json b.json # one table from several --json runs
+    .venv/bin/python tools/fuzz.py 100 --with-source --start 0 --json ws_0.json  # self-repair mode
 
 A base cache is built once (200 samples: a uint8 3x32x32 tensor and an int label; every
 16th sample is a 3x48x48 tensor, so the file has overflow pages too). Each seed copies it,
@@ -23,6 +24,14 @@ once; a fork costs milliseconds, a fresh interpreter seconds):
 
 With ``--keyed`` the base cache is a keyed one (``key=fuzz_key``: ``"item-0042"``) and every
 step passes the key function (the view reads its stored keys back as indices).
+
+``--with-source`` runs only what a training job does, on every damaged file: the dataset
+opened WITH its source (it must never raise: it repairs the file or serves from the
+source), ``ds[i]`` of every index, ``__getitems__`` of all, one 2-worker DataLoader epoch,
+``close()``, then ``kvcache verify``. There any exception, even a ``KvCacheError``, counts as
+``foreign``; the table adds ``intact`` (records whose pages the damage did not touch),
+``kept`` (of those, how many the first pass read back from the cache, i.e. survived
+self-repair) and the share kept, and the actions the dataset took (``self_repair``).
 
 Each seed is classified by the worst thing that happened: ``signal`` (the child or a
 DataLoader worker died of one), ``hang`` (past ``--timeout``), ``foreign`` (an exception
@@ -63,6 +72,7 @@ KINDS = ("span", "bitflip", "zero_page", "copy_page", "truncate", "append", "pub
 # record and skip the structural walk: one of these kinds, past the two meta pages and
 # without changing the size, so the record (size + meta pages) still matches
 INNER = ("span", "bitflip", "zero_page", "copy_page")
+DAMAGED: list[int] = []  # the pages the last damage() touched (for the intact-record share)
 OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
 _RANK = {o: r for r, o in enumerate(OUTCOMES)}
 
@@ -107,6 +117,7 @@ def damage(path: str, kind: str, rng: random.Random, lo: int = 0) -> str:
     f = os.path.join(path, "data.mdb")
     size = os.path.getsize(f)
     pages = size // PSIZE
+    DAMAGED.clear()
     if kind == "published":
         for name in os.listdir(path):
             os.chmod(os.path.join(path, name), 0o644)
@@ -120,6 +131,7 @@ def damage(path: str, kind: str, rng: random.Random, lo: int = 0) -> str:
                 off = rng.randrange(lo, max(lo + 1, size - n))
                 fh.seek(off)
                 fh.write(rng.randbytes(n))
+                DAMAGED.extend(range(off // PSIZE, (off + n - 1) // PSIZE + 1))
                 places.append(f"{n}@{off}")
             return "spans " + ",".join(places)
         if kind == "bitflip":
@@ -130,12 +142,14 @@ def damage(path: str, kind: str, rng: random.Random, lo: int = 0) -> str:
                 b = fh.read(1)[0] ^ (1 << rng.randrange(8))
                 fh.seek(off)
                 fh.write(bytes([b]))
+                DAMAGED.append(off // PSIZE)
                 places.append(str(off))
             return "bits " + ",".join(places)
         if kind == "zero_page":
             p = rng.randrange(lo // PSIZE, pages)
             fh.seek(p * PSIZE)
             fh.write(bytes(PSIZE))
+            DAMAGED.append(p)
             return f"page {p} zeroed"
         if kind == "copy_page":
             a, b = rng.randrange(pages), rng.randrange(lo // PSIZE, pages)
@@ -143,10 +157,12 @@ def damage(path: str, kind: str, rng: random.Random, lo: int = 0) -> str:
             data = fh.read(PSIZE)
             fh.seek(b * PSIZE)
             fh.write(data)
+            DAMAGED.append(b)
             return f"page {a} copied over {b}"
         if kind == "truncate":
             n = rng.randrange(size)
             fh.truncate(n)
+            DAMAGED.extend(range(n // PSIZE, pages + 1))
             return f"truncated to {n}"
         if kind == "append":
             n = rng.choice((rng.randint(1, 4096), rng.randint(1, 1 << 20)))
@@ -293,6 +309,75 @@ def child_steps(path: str, quick: bool) -> dict:
     return {k: list(v) for k, v in s.steps.items()}
 
 
+def child_with_source(path: str) -> dict:
+    """What a training job does with a damaged cache and its source (``--with-source``)."""
+    warnings.simplefilter("ignore")
+    s = Seed()
+    src = FuzzSource()
+    idx = list(range(N))
+    hits: list[int] = []
+    info: dict[str, Any] = {}
+
+    def train() -> None:
+        ds = kvcache.LmdbCachedDataset(src, path)
+        rep = ds.self_repair
+        info["self_repair"] = rep.action if rep is not None else "none"
+        for i in idx:
+            before = ds.stats().hits
+            if not same(ds[i], expected(i)):
+                s.note("source", "wrong", f"index {i}")
+            if ds.stats().hits > before:
+                hits.append(i)
+        _check_batch(s, "source", ds.__getitems__(idx), idx)
+        dl = torch.utils.data.DataLoader(ds, batch_size=25, num_workers=2,
+                                         collate_fn=lambda b: b, multiprocessing_context="fork")
+        _check_batch(s, "dataloader", [x for batch in dl for x in batch], idx)
+        ds.close()
+
+    try:
+        train()
+        s.note("source", "ok")
+    except Exception as exc:  # noqa: BLE001 - with a source, nothing may escape, not even a KvCacheError
+        s.note("source", "signal" if "exited unexpectedly" in str(exc) or "killed by signal" in str(exc)
+               else "foreign", f"{type(exc).__module__}.{type(exc).__name__}: {exc} | "
+               + traceback.format_exc()[-600:])
+    _cli(s, "verify", ["verify", path])
+    steps = {k: list(v) for k, v in s.steps.items()}
+    return {"steps": steps, "hits": hits, **info}
+
+
+def record_pages(base: str) -> dict[int, set[int]]:
+    """The pages each sample record of ``base`` lives on (its leaf, its overflow run)."""
+    import struct
+
+    with open(os.path.join(base, "data.mdb"), "rb") as f:
+        buf = f.read()
+    metas = [struct.unpack_from("<QQ", buf, p * PSIZE + 16 + 120) for p in (0, 1)]
+    off = (0, 1)[max((0, 1), key=lambda k: metas[k][1])] * PSIZE + 16 + 24 + 48
+    out: dict[int, set[int]] = {}
+
+    def walk(pgno: int, db: str) -> None:
+        b = pgno * PSIZE
+        flags, lower = struct.unpack_from("<HH", buf, b + 10)
+        for ptr in struct.unpack_from(f"<{(lower - 16) // 2}H", buf, b + 16):
+            lo, hi, nfl, ks = struct.unpack_from("<HHHH", buf, b + ptr)
+            if flags & 1:
+                walk(lo | hi << 16 | nfl << 32, db)
+                continue
+            key = buf[b + ptr + 8:b + ptr + 8 + ks]
+            if db == "main" and nfl & 2 and key == b"samples":
+                walk(struct.unpack_from("<Q", buf, b + ptr + 8 + ks + 40)[0], "samples")
+            elif db == "samples":
+                pages = {pgno}
+                if nfl & 1:
+                    first = struct.unpack_from("<Q", buf, b + ptr + 8 + ks)[0]
+                    pages.update(range(first, first + (lo | hi << 16) // PSIZE + 1))
+                out[int.from_bytes(key, "big")] = pages
+
+    walk(struct.unpack_from("<Q", buf, off + 40)[0], "main")
+    return out
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -304,11 +389,13 @@ def build_base(root: str) -> str:
     return path
 
 
-def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: float) -> dict:
+def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: float,
+             with_source: bool = False, places: dict | None = None) -> dict:
     path = os.path.join(work, f"s{seed}")
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(os.path.join(os.path.dirname(base), "published") if kind == "published" else base, path)
     what = damage(path, kind, random.Random(seed))
+    touched = set(DAMAGED)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into the driver
@@ -318,7 +405,7 @@ def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: f
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            out = json.dumps(child_steps(path, quick)).encode()
+            out = json.dumps(child_with_source(path) if with_source else child_steps(path, quick)).encode()
             with os.fdopen(wfd, "wb") as w:
                 w.write(out)
         except BaseException:  # noqa: BLE001
@@ -348,6 +435,11 @@ def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: f
             rec.update(outcome="foreign", steps={}, note=f"child exited {os.WEXITSTATUS(status)} without a report")
         else:
             steps = json.loads(raw)
+            if with_source:
+                intact = {i for i, pages in (places or {}).items() if not pages & touched} if kind != "published" else set()
+                rec.update(intact=len(intact), kept=len(intact & set(steps["hits"])),
+                           self_repair=steps["self_repair"])
+                steps = steps["steps"]
             rec["steps"] = steps
             rec["outcome"] = max((o for o, _ in steps.values()), key=_RANK.__getitem__, default="ok")
     if rfd >= 0:
@@ -360,6 +452,8 @@ def table(recs: list[dict]) -> str:
     """Kinds x outcomes; ``served`` counts seeds where the dataset with its source returned
     every sample (not refused at open), ``repaired`` those where verify was clean after
     ``verify --repair`` (both of the seeds that ran those steps)."""
+    if recs and "intact" in recs[0]:
+        return table_with_source(recs)
     counts: dict[str, Counter] = defaultdict(Counter)
     for r in recs:
         c = counts[r["kind"]]
@@ -379,6 +473,30 @@ def table(recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_with_source(recs: list[dict]) -> str:
+    """``--with-source``: kinds x outcomes, the intact records kept, the repairs done."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        c = counts[r["kind"]]
+        c[r["outcome"]] += 1
+        c["intact"] += r.get("intact", 0)
+        c["kept"] += r.get("kept", 0)
+        c["act:" + r.get("self_repair", "?")] += 1
+    acts = ("none", "patched", "salvaged", "repaired_by_another", "unstored")
+    cols = ["ok", "refused", "foreign", "wrong", "signal", "hang"]
+    lines = ["| kind | seeds | " + " | ".join(cols) + " | intact | kept | share | "
+             + " | ".join(acts) + " |", "|---" * (len(cols) + len(acts) + 5) + "|"]
+    total: Counter = Counter()
+    for k in [k for k in KINDS if k in counts] + ["**all**"]:
+        c = total if k == "**all**" else counts[k]
+        if k != "**all**":
+            total.update(c)
+        share = f"{100 * c['kept'] / c['intact']:.1f}%" if c["intact"] else "-"
+        lines.append(f"| {k} | {sum(c[o] for o in OUTCOMES)} | " + " | ".join(str(c[o]) for o in cols)
+                     + f" | {c['intact']} | {c['kept']} | {share} | " + " | ".join(str(c['act:' + a]) for a in acts) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, help="how many seeds")
@@ -390,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--merge", nargs="+", default=None, help="print one table from these --json files")
     p.add_argument("--keyed", action="store_true", help="a keyed cache (key=), every step with its key function")
+    p.add_argument("--with-source", action="store_true",
+                   help="open every damaged file with its source (self-repair): nothing may raise")
     a = p.parse_args(argv)
     global KEY
     KEY = fuzz_key if a.keyed else None
@@ -408,9 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         base = build_base(root)
+        places = record_pages(base) if a.with_source else None
         for seed in range(a.start, a.start + a.n):
             kind = kinds[seed % len(kinds)]
-            rec = run_seed(base, root, seed, kind, a.quick, a.timeout)
+            rec = run_seed(base, root, seed, kind, a.quick, a.timeout, a.with_source, places)
             recs.append(rec)
             if rec["outcome"] not in ("ok", "refused"):
                 detail = rec.get("signal") or {k: v for k, v in rec.get("steps", {}).items()
@@ -424,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(recs, f, indent=1)
-    mode = ("quick (no DataLoader/CLI steps)" if a.quick else "all steps") + (", keyed" if a.keyed else "")
+    mode = ("with source" if a.with_source else "quick (no DataLoader/CLI steps)" if a.quick
+            else "all steps") + (", keyed" if a.keyed else "")
     print(f"\n{len(recs)} seeds ({a.start}..{a.start + a.n - 1}), {mode}, {time.monotonic() - t0:.0f}s\n")
     print(table(recs))
     return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0

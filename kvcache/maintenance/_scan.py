@@ -228,8 +228,19 @@ def scan(path: str) -> dict:
 
 def salvage(path: str, dest: str, skip: set[int | str], skip_walks: set[str]) -> dict:
     """Copy every good record (and the info rows) of ``path`` into a new env at ``dest``."""
-    src = _open(path)
-    out = lmdb.open(dest, subdir=True, create=True, max_dbs=4, map_size=max(src.info()["map_size"], 1 << 24))
+    try:
+        src = _open(path)
+    except lmdb.Error as exc:  # e.g. damaged meta pages: only the leaf pages can be read
+        _emit({"error": f"open: {exc}"})
+        import tempfile
+
+        src = lmdb.open(tempfile.mkdtemp(prefix="nothing-", dir=dest), subdir=True,
+                        create=True, max_dbs=4, map_size=1 << 20)
+        for name in (b"samples", b"meta", b"info"):
+            src.open_db(name)
+    # room for everything the file holds, reached by the tree or found in its leaf pages
+    room = 2 * os.path.getsize(os.path.join(path, "data.mdb")) + (1 << 24)
+    out = lmdb.open(dest, subdir=True, create=True, max_dbs=4, map_size=max(src.info()["map_size"], room))
     o_samples, o_meta, o_info = (out.open_db(n) for n in (b"samples", b"meta", b"info"))
     copied = 0
     keys: set[bytes] = set()
@@ -271,8 +282,10 @@ def salvage(path: str, dest: str, skip: set[int | str], skip_walks: set[str]) ->
         samples = src.open_db(b"samples", create=False)
     except lmdb.Error as exc:
         _emit({"error": f"samples: {exc}"})
-        return {"copied": 0}
+        samples = None
+        keys.clear()  # nothing to copy; still finish a valid (empty) cache below
     batch: list[tuple[bytes, bytes, bytes | None]] = []
+    fps: set[int] = set()  # the fingerprint ids of the records copied
 
     def commit() -> None:
         with out.begin(write=True) as otxn:
@@ -309,9 +322,44 @@ def salvage(path: str, dest: str, skip: set[int | str], skip_walks: set[str]) ->
             if user_key is not None and digest(user_key)[0] != kb:
                 user_key = None  # a damaged row: the record is kept, its key is not known
         batch.append((kb, rec, user_key))
+        fps.add(codec.unpack_head(rec, 0)[2])
         copied += 1
         if len(batch) >= 256:
             commit()
+    if batch:
+        commit()
+    # What the tree no longer reaches (a zeroed branch page, a truncated file): records in
+    # intact leaf pages, bound to their index by their keyed checksum, whose fingerprint
+    # the cache still knows (others could never be served).
+    _emit({"raw": True})
+    with out.begin(db=o_info) as otxn:
+        fp_rows = {bytes(k): bytes(v) for k, v in otxn.cursor() if bytes(k).startswith(b"fp:")}
+        have = {bytes(k) for k, _ in otxn.cursor(db=o_samples)}
+    known_fp = dict(fp_rows)
+    extra = _from_raw_pages(path, have, fp_rows)
+    ids = set()
+    for v in fp_rows.values():
+        try:
+            ids.add(json.loads(v)["id"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    with out.begin(write=True, db=o_info) as otxn:
+        for k, v in fp_rows.items():
+            if k not in known_fp:
+                otxn.put(k, v)
+        for kb, rec in sorted(extra.items()):
+            if codec.unpack_head(rec, 0)[2] in ids:
+                batch.append((kb, rec, None))
+                copied += 1
+        # never hand out an id that a copied record carries (it would serve another
+        # source's sample): the next fingerprint id is past every one seen
+        seen = max(ids | fps | {codec.unpack_head(rec, 0)[2] for _k, rec, _u in batch}, default=0)
+        nxt = otxn.get(b"fp_next")
+        try:
+            nxt = int(nxt) if nxt is not None else 0
+        except ValueError:
+            nxt = 0
+        otxn.put(b"fp_next", str(max(nxt, seen + 1)).encode())
     if batch:
         commit()
     with out.begin(write=True, db=o_info) as otxn:
@@ -324,6 +372,61 @@ def salvage(path: str, dest: str, skip: set[int | str], skip_walks: set[str]) ->
     out.close()
     src.close()
     return {"copied": copied}
+
+
+def _raw_leaves(path: str) -> Any:
+    """Every ``(key, value)`` of every leaf page in ``path/data.mdb`` that is in its own
+    place (it carries its own page number) and well-formed, read with plain reads (no map):
+    what a damaged tree (a zeroed branch, a truncated file whose newest root is past the
+    cut) no longer reaches. Old versions of pages LMDB freed are found too: callers keep
+    only what proves itself (a keyed record's checksum is seeded with its index)."""
+    import struct
+
+    with open(os.path.join(path, "data.mdb"), "rb") as f:
+        head = f.read(4096)
+        psize = struct.unpack_from("<I", head, 16 + 24)[0] if len(head) >= 64 else 4096
+        if psize not in (4096, 8192, 16384, 32768, 65536):
+            psize = 4096
+        size = os.fstat(f.fileno()).st_size
+        for pgno in range(2, size // psize):
+            f.seek(pgno * psize)
+            buf = f.read(psize)
+            pg, _pad, flags, lower, upper = struct.unpack_from("<QHHHH", buf, 0)
+            if pg != pgno or flags & ~0x10 != 0x02 or lower & 1 or not 16 <= lower <= upper <= psize:
+                continue
+            for ptr in struct.unpack_from(f"<{(lower - 16) // 2}H", buf, 16):
+                if not upper <= ptr <= psize - 8:
+                    break
+                lo, hi, nflags, ksize = struct.unpack_from("<HHHH", buf, ptr)
+                kend, dsize = ptr + 8 + ksize, lo | hi << 16
+                if nflags == 0 and kend + dsize <= psize:
+                    yield bytes(buf[ptr + 8:kend]), bytes(buf[kend:kend + dsize])
+                elif nflags == 1 and kend + 8 <= psize and dsize < 1 << 31:
+                    opg = struct.unpack_from("<Q", buf, kend)[0]
+                    if 2 <= opg and opg * psize + 16 + dsize <= size:
+                        f.seek(opg * psize + 16)
+                        yield bytes(buf[ptr + 8:kend]), f.read(dsize)
+            f.seek(0)
+
+
+def _from_raw_pages(path: str, have: set[bytes], fp_rows: dict[bytes, Any]) -> dict[bytes, bytes]:
+    """Keyed records (and fingerprint rows missing from ``fp_rows``) found in leaf pages
+    that the tree no longer reaches; for each index, a record of the newest fingerprint."""
+    found: dict[bytes, tuple[int, bytes]] = {}
+    for k, v in _raw_leaves(path):
+        if k.startswith(b"fp:") and k not in fp_rows:
+            try:
+                row = json.loads(v)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and type(row.get("id")) is int:
+                fp_rows[k] = v
+        elif len(k) == KEY.size and k not in have and len(v) >= 24:
+            h, _cs, fp, _ll = codec.unpack_head(v, 0)
+            if h == codec.HEAD_KEYED and fp >= found.get(k, (-1, b""))[0] \
+                    and _check_record(v, None, codec.seed_of(k)) is None:
+                found[k] = (fp, v)
+    return {k: v for k, (_fp, v) in found.items()}
 
 
 def main(argv: list[str]) -> int:

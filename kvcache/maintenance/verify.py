@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import lmdb
 
@@ -20,13 +15,11 @@ from ..progress import Progress, progress_for
 from ..pubrecord import file_digest, publish_record
 from ..store import KEY, Rows, Store, count_rows
 from ..tally import TALLY_KEY, Tally
-from ._common import exclusive, open_raw, sibling_dir, swap_in, used_bytes
+from ._common import exclusive, open_raw
+from .salvage import run_child, salvage
 from .spec import load_key, load_spec
 
 __all__ = ["VerifyReport", "scan", "verify"]
-
-MAX_SALVAGE_RESTARTS = 64
-
 
 @dataclass
 class VerifyReport:
@@ -63,39 +56,6 @@ class VerifyReport:
     after: VerifyReport | None = None
 
 
-# Run the scan child (maintenance/_scan.py) without executing kvcache/__init__ (which
-# imports torch: seconds per child).
-_BOOT = """
-import sys, types
-d = sys.argv.pop(1)
-for name, p in (("kvcache", d), ("kvcache.maintenance", d + "/maintenance")):
-    m = types.ModuleType(name)
-    m.__path__ = [p]
-    sys.modules[name] = m
-from kvcache.maintenance._scan import main
-sys.exit(main(sys.argv[1:]))
-"""
-_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run_child(args: list[str], on_line: Callable[[dict], None]) -> tuple[int, str]:
-    """Run ``maintenance/_scan.py`` with ``args``; feed its JSON lines to ``on_line``;
-    return (rc, stderr)."""
-    with tempfile.TemporaryFile(mode="w+") as err, subprocess.Popen(
-            [sys.executable, "-c", _BOOT, _PKG, *args],
-            stdout=subprocess.PIPE, stderr=err, text=True) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            on_line(msg)
-        rc = proc.wait()
-        err.seek(0)
-        return rc, err.read()[-4000:]
-
-
 def _signame(rc: int) -> str:
     try:
         return signal.Signals(-rc).name
@@ -121,7 +81,7 @@ def scan(path: str, progress: Progress | None = None, stamp: bool = False) -> Ve
         elif "result" in msg:
             state["result"] = msg["result"]
 
-    rc, err = _run_child([path], on_line)
+    rc, err = run_child([path], on_line)
     if progress is not None:
         progress.finish()
     rep = VerifyReport(path=path, ok=False)
@@ -204,59 +164,6 @@ def _spot_check(rep: VerifyReport, path: str, source_spec: str, n: int, repair: 
         rep.ok = False
 
 
-def _salvage(path: str) -> int:
-    """Copy every readable good record into a fresh environment and swap it in."""
-    tmp = sibling_dir(path, "repair")
-    # Read from a copy padded to the length its meta page claims: a page past the end of
-    # a truncated file then reads as zeros (an LMDB error or abort, handled per key below)
-    # instead of SIGBUS on every walk.
-    src = sibling_dir(path, "salvage")
-    shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(src, "data.mdb"))
-    try:
-        env = open_raw(src)
-        need = used_bytes(env)
-        env.close()
-        if os.path.getsize(os.path.join(src, "data.mdb")) < need:
-            os.truncate(os.path.join(src, "data.mdb"), need)
-    except KvCacheError:
-        pass  # the salvage child reports what it can
-    skip: set[int | str] = set()
-    skip_walks: set[str] = set()
-    state: dict[str, Any] = {}
-    try:
-        for _ in range(MAX_SALVAGE_RESTARTS):
-            state.clear()
-
-            def on_line(msg: dict) -> None:
-                if "try" in msg:
-                    state["last"] = msg["try"]
-                elif "walk" in msg:
-                    state["walk"] = msg["walk"]
-                elif "result" in msg:
-                    state["result"] = msg["result"]
-
-            rc, err = _run_child([src, "--salvage", tmp, json.dumps(sorted(skip, key=str)),
-                                  json.dumps(sorted(skip_walks))], on_line)
-            if "result" in state:
-                break
-            if rc < 0 and "walk" in state and "last" not in state:
-                skip_walks.add(state["walk"])  # walking this database kills the reader
-                continue
-            if rc < 0 and "last" in state:
-                skip.add(state["last"])  # this key's pages kill the reader: leave it behind
-                continue
-            last = (err.strip().splitlines() or [f"exit status {rc}"])[-1]
-            raise CacheCorruptError(f"{path}: cannot salvage the cache ({last}); rebuild it")
-        else:
-            raise CacheCorruptError(
-                f"{path}: salvage gave up after {MAX_SALVAGE_RESTARTS} crashes; rebuild the cache")
-        swap_in(path, tmp)
-        return state["result"]["copied"]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(src, ignore_errors=True)
-
-
 def _remove(path: str, indices: list[int | str], recount: bool = False) -> int:
     """Delete ``indices`` in one transaction (and recount the tally with ``recount``).
 
@@ -327,7 +234,7 @@ def verify(path: str | os.PathLike, *, repair: bool = False, spot_check: int = 0
                 except KvCacheError:  # deleting met a broken page: copy what is good instead
                     removed = None
             if removed is None:
-                rep.salvaged = _salvage(path)
+                rep.salvaged = salvage(path)
                 rep.removed = max(rep.entries - rep.salvaged, 0)
             else:
                 rep.removed = removed

@@ -86,6 +86,13 @@ class KillAt(ArraySource):
         return super().__getitem__(i)
 
 
+class MixedSource(ArraySource):
+    """``ArraySource`` where every 8th sample holds 16384 float32 (64 KiB: an overflow run)."""
+
+    def __getitem__(self, i: int) -> tuple:
+        return sample_for(i, 16384 if i % 8 == 0 else self.size)
+
+
 class BigSource(torch.utils.data.Dataset):
     """Sample ``i`` holds ``sizes[i]`` bytes (uint8)."""
 

@@ -1,4 +1,5 @@
-"""F13: damaged meta pages: CacheCorruptError at open, and not one byte changed."""
+"""F13: damaged meta pages: without a source, CacheCorruptError at open and not one byte
+changed; with its source, the dataset salvages every record (kvcache.selfrepair)."""
 
 import os
 
@@ -12,8 +13,7 @@ from _fault_helpers import *
 import kvcache
 path = sys.argv[1]
 res = {}
-for name, fn in [("dataset", lambda: kvcache.LmdbCachedDataset(ArraySource(100), path)),
-                 ("dataset_nosource", lambda: kvcache.LmdbCachedDataset(None, path)),
+for name, fn in [("dataset_nosource", lambda: kvcache.LmdbCachedDataset(None, path)),
                  ("open_cache", lambda: kvcache.open_cache(path))]:
     try:
         fn().close()
@@ -42,3 +42,18 @@ def test_f13_meta_damage_refused_without_change(cache, which):
         assert res != "opened" and res[0] == "CacheCorruptError", (name, res)
         assert "not a valid LMDB cache" in res[1] or "damaged" in res[1], res
     assert snapshot(cache) == before
+    out = check_child(run_child(WITH_SOURCE, cache))
+    assert out["wrong"] == [] and out["action"] == "salvaged", out
+    if which != "garbage_body":  # only the magic was damaged: every record is in its leaf page
+        assert out["hits"] == 100, out
+
+
+WITH_SOURCE = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from _fault_helpers import *
+import kvcache
+ds = kvcache.LmdbCachedDataset(ArraySource(100), sys.argv[1])
+wrong = [i for i in range(100) if not same(ds[i], sample_for(i))]
+print(json.dumps({"wrong": wrong, "action": ds.self_repair.action, "hits": ds.stats().hits}))
+"""

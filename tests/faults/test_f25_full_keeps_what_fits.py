@@ -111,3 +111,20 @@ def test_f25_halving_accounts_for_every_row(tmp_path):
     with kvcache.open_cache(path) as v:
         keys = set(v.keys())
     assert keys == set(range(written + 1)), keys  # a prefix: parts are committed in order
+
+
+def test_misses_after_a_permanent_failure_are_counted(tmp_path):
+    """Once write-back stops for good (the map at max_map_size), every later computed
+    sample is a write error too: ``writes + write_errors`` is every computed sample
+    (it used to stop counting at the failure), here one record per commit, over two passes."""
+    limits = dict(map_size=1 << 20, max_map_size=2 << 20)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ds = kvcache.LmdbCachedDataset(ArraySource(100, 16384), str(tmp_path / "c"), write_batch=1, **limits)
+        for _ in range(2):
+            assert all(same(ds[i], sample_for(i, 16384)) for i in range(100))
+        ds.close()
+    st = ds.stats()
+    assert st.write_errors > 0 and st.writes > 0, st
+    assert st.writes + st.write_errors == st.misses, st
+    assert st.hits + st.misses == 200, st
