@@ -24,6 +24,7 @@ from helpers import BigSource, ImageSource
 
 from kvcache import LmdbCachedDataset, structure
 from kvcache.maintenance import compact, gc, merge, publish, verify
+from kvcache.store import KEY
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SMALL_MAP = 1 << 20  # a map this small grows (doubles) several times during these builds
@@ -199,12 +200,34 @@ def test_gc(tmp_path):
     assert_opens_without_walking(path, 400)
 
 
-def test_repair_of_bad_records(tmp_path):
-    from test_cli import _flip_tag
+def damage_record(path: str, i: int) -> None:
+    """Flip a byte in the middle of record ``i``'s value wherever its bytes lie in
+    data.mdb (found through raw LMDB, then in the file): its checksum no longer matches."""
+    env = lmdb.open(path, subdir=True, readonly=True, lock=False, max_dbs=4)
+    try:
+        samples = env.open_db(b"samples", create=False)
+        with env.begin(db=samples) as txn:
+            value = bytes(txn.get(KEY.pack(i)))
+    finally:
+        env.close()
+    data = os.path.join(path, "data.mdb")
+    with open(data, "rb") as f:
+        raw = f.read()
+    found, p = [], raw.find(value)
+    while p >= 0:
+        found.append(p)
+        p = raw.find(value, p + 1)
+    assert found, f"record {i} ({len(value)} bytes) not found in {data}"
+    with open(data, "r+b") as f:
+        for p in found:
+            f.seek(p + len(value) // 2)
+            f.write(bytes([raw[p + len(value) // 2] ^ 0xFF]))
 
+
+def test_repair_of_bad_records(tmp_path):
     path = str(tmp_path / "c")
     _cache(path, n=200)
-    _flip_tag(path, 17)
+    damage_record(path, 17)
     rep = verify(path, repair=True)
     assert rep.repaired and rep.ok and rep.after.checked == 199
     assert_opens_without_walking(path, 200, keys=199)
