@@ -131,3 +131,44 @@ def test_open_is_o1_and_batches_overlap_beyond_the_prefetch_window(mounted, tmp_
         d = netsim.delta(fs.counts(reset_max=True), c0)
         assert all(np.array_equal(g, source[i]) for g, i in zip(got, idx))
         assert d.get("max_inflight", 0) <= 2, d
+
+
+def test_link_queues_transfers_and_counts_bytes():
+    import threading
+    import time
+
+    link = netsim.Link(1e9)  # 1 GB/s: 10 MB take 10 ms on the wire
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=link.transfer, args=(10_000_000,)) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert link.bytes == 20_000_000
+    # the two shared the link: the second was booked after the first, not beside it
+    assert link.free_at - t0 >= 0.020
+    free = netsim.Link(0)
+    free.transfer(1 << 30)  # no limit: returns at once, counts nothing
+    assert free.bytes == 0
+
+
+@pytest.mark.root
+def test_memory_limit_confines_a_child():
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a memory cgroup needs root")
+    with netsim.MemoryLimit(300 << 20) as cg:
+        if not cg.active:
+            pytest.skip(f"no memory cgroup here: {cg.why}")
+        out = subprocess.run([sys.executable, "-c", "print(open('/proc/self/cgroup').read())"],
+                             capture_output=True, text=True, check=True, preexec_fn=cg.enter).stdout
+        assert os.path.basename(cg.dir) in out
+        knob = "memory.max" if os.path.exists(os.path.join(cg.dir, "memory.max")) else "memory.limit_in_bytes"
+        with open(os.path.join(cg.dir, knob)) as f:
+            assert int(f.read()) == 300 << 20
+        d = cg.dir
+    assert not os.path.exists(d)  # removed afterwards
+    with netsim.MemoryLimit(0) as cg:  # no limit asked for: nothing made, enter does nothing
+        assert not cg.active
+        cg.enter()

@@ -265,6 +265,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--latency-us", default="200,1000")
+    ap.add_argument("--bandwidth-mbps", type=float, default=0.0, help="the simulated link, MB/s (0: unlimited)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir in /tmp)")
@@ -303,7 +304,7 @@ def main() -> None:
             r = run_child(["passes", "kvcache", os.path.join(back, "kvcache"), a.n, a.passes, None, 1])
             results["runs"].append({"latency_us": lat, "kind": "kvcache", "mode": "local", **summarize(r)})
             _log(results["runs"][-1])
-            with netsim.NetSim(back, mnt, latency_us=lat) as fs:
+            with netsim.NetSim(back, mnt, latency_us=lat, bandwidth_mbps=a.bandwidth_mbps) as fs:
                 for kind in KINDS:
                     paired = os.path.join(back, "kvcache") if kind == "kvcache" else None
                     r = run_child(["passes", kind, os.path.join(mnt, kind.replace("-ra-off", "").replace("-no-prefetch", "")), a.n,

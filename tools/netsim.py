@@ -3,7 +3,11 @@ round trip and counts operations by kind.
 
 Run it from the command line (foreground; Ctrl-C or ``fusermount3 -u MOUNT`` stops it)::
 
-    python tools/netsim.py BACKING MOUNT --latency-us 200 --stats stats.json
+    python tools/netsim.py BACKING MOUNT --latency-us 200 --bandwidth-mbps 1250 --stats stats.json
+
+or around one command, optionally in a memory cgroup (root), then unmount::
+
+    python tools/netsim.py BACKING MOUNT --latency-us 200 --memory-mb 1200 -- python train.py
 
 or from Python (tests, benchmarks), where it runs in a child process::
 
@@ -19,7 +23,17 @@ kernel's own caches stay in front of it, as they do for NFS: attributes for a se
 (libfuse's default), and file pages until the file is opened again (FUSE drops a
 file's cached pages on open unless the daemon says otherwise; this one doesn't, like
 NFS's close-to-open consistency after a change). Counts are served on a UNIX socket
-(``MOUNT``'s control socket, see :class:`NetSim`) and written to ``--stats`` at exit.
+(``MOUNT``'s control socket, see :class:`NetSim`) and written to ``--stats`` at exit; besides
+the operations they hold ``read_bytes`` and ``max_inflight``, the most requests ever waiting
+at once (concurrent page faults show as more than 1).
+
+``--bandwidth-mbps`` adds a link of that many MB/s (10^6 bytes/s) shared by all reads and
+writes: transfers queue behind each other after their latency (:class:`Link`).
+:class:`MemoryLimit` runs processes in a memory cgroup (v2 ``memory.max`` or v1
+``memory.limit_in_bytes``; root), so that the pages they read through the mount cannot all
+stay in their page cache, as on a node whose dataset is larger than its memory. Without
+root (or without a writable cgroup tree) it does nothing and says why: the processes then
+run unlimited and the kernel may keep the whole file cached.
 
 Needs Linux, ``/dev/fuse``, ``fusermount3`` (Debian: ``apt-get install fuse3``) and the
 ``mfusepy`` package (``pip install -e '.[netsim]'``). :func:`unavailable` says which is
