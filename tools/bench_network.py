@@ -238,7 +238,7 @@ KINDS = ["per-file", "lmdb+pickle", "kvcache", "kvcache-no-prefetch", "kvcache-r
 LABEL = {"per-file": "per-file .npy + label", "lmdb+pickle": "LMDB + pickle",
          "kvcache": "kvcache published (default: readahead on)",
          "kvcache-ra-off": "kvcache published, readahead=False",
-         "kvcache-no-prefetch": "kvcache published, readahead on, no prefetch"}
+         "kvcache-no-prefetch": "kvcache published, KVCACHE_PREFETCH_BYTES=0"}
 
 
 def summarize(r: dict) -> dict:
