@@ -74,6 +74,11 @@ KINDS = ("span", "bitflip", "zero_page", "copy_page", "truncate", "append", "pub
 INNER = ("span", "bitflip", "zero_page", "copy_page")
 DAMAGED: list[int] = []  # the pages the last damage() touched (for the intact-record share)
 OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
+# The documented limit (docs/reliability.md, "Published caches: the trust model"): a published
+# copy damaged after publishing, whose record still matches, is not walked at open, and a
+# cursor walk of a whole tree (open_cache().keys()) can take LMDB's abort on a damaged page.
+# Such a signal is counted and shown, but does not fail the run; any other does.
+ACCEPTED_SIGNALS = {("published", "view")}
 _RANK = {o: r for r, o in enumerate(OUTCOMES)}
 
 
@@ -187,6 +192,7 @@ class Seed:
             self.steps[step] = (outcome, what[:300])
 
     def run(self, step: str, fn: Any) -> Any:
+        _mark(step, self.steps)
         try:
             out = fn()
         except kvcache.KvCacheError as exc:
@@ -223,7 +229,18 @@ def _check_batch(s: Seed, step: str, got: list | None, indices: list) -> None:
         s.note(step, "wrong", "batch length")
 
 
+_PROGRESS_FD: int | None = None  # the child's pipe: each step is announced before it runs
+
+
+def _mark(step: str, done: dict) -> None:
+    """Tell the driver which step runs now and what the finished ones gave, so that a
+    signal can be pinned on a step without losing the steps before it."""
+    if _PROGRESS_FD is not None:
+        os.write(_PROGRESS_FD, f"#{json.dumps(done)}\n@{step}\n".encode())
+
+
 def _cli(s: Seed, step: str, args: list[str]) -> int | None:
+    _mark(step, s.steps)
     from click.testing import CliRunner
 
     from kvcache.cli import cli
@@ -247,27 +264,6 @@ def child_steps(path: str, quick: bool) -> dict:
     s = Seed()
     src = FuzzSource()
     idx = list(range(N))
-
-    def view() -> None:
-        with kvcache.open_cache(path, **_kw()) as v:
-            v.info()
-            keys = list(v.keys())
-            if KEY is not None:  # the stored keys, as the indices they were made from (v[i] reads by key)
-                bad = [k for k in keys if not (isinstance(k, str) and k[:5] == "item-" and k[5:].isdigit())]
-                if bad:
-                    s.note("view", "wrong", f"keys {bad[:3]!r}")
-                keys = [int(k[5:]) for k in keys if k not in bad]
-            _items(s, "view", v.__getitem__, keys)  # MissingSampleError / CorruptRecordError: refused
-
-            def get(i: int) -> Any:  # Mapping.get: the default (None) for a missing index
-                got = v.get(i)
-                if got is None:
-                    raise kvcache.MissingSampleError(f"{i}: get() gave the default")
-                return got
-
-            _items(s, "view", get, keys)
-
-    s.run("view", view)
 
     def nosource() -> None:
         ds = kvcache.LmdbCachedDataset(None, path, **_kw())
@@ -301,6 +297,29 @@ def child_steps(path: str, quick: bool) -> dict:
                 _check_batch(s, "dataloader", got, idx)
 
     s.run("source", with_source)
+
+    # the view last: its keys() walks whole trees with a cursor (where LMDB asserts on a
+    # damaged page of a published copy that was not walked at open)
+    def view() -> None:
+        with kvcache.open_cache(path, **_kw()) as v:
+            v.info()
+            keys = list(v.keys())
+            if KEY is not None:  # the stored keys, as the indices they were made from (v[i] reads by key)
+                bad = [k for k in keys if not (isinstance(k, str) and k[:5] == "item-" and k[5:].isdigit())]
+                if bad:
+                    s.note("view", "wrong", f"keys {bad[:3]!r}")
+                keys = [int(k[5:]) for k in keys if k not in bad]
+            _items(s, "view", v.__getitem__, keys)  # MissingSampleError / CorruptRecordError: refused
+
+            def get(i: int) -> Any:  # Mapping.get: the default (None) for a missing index
+                got = v.get(i)
+                if got is None:
+                    raise kvcache.MissingSampleError(f"{i}: get() gave the default")
+                return got
+
+            _items(s, "view", get, keys)
+
+    s.run("view", view)
     if not quick:
         _cli(s, "verify --repair", ["verify", "--repair", path])
         rc = _cli(s, "verify after repair", ["verify", path])
@@ -405,9 +424,11 @@ def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: f
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
+            global _PROGRESS_FD
+            _PROGRESS_FD = wfd
             out = json.dumps(child_with_source(path) if with_source else child_steps(path, quick)).encode()
             with os.fdopen(wfd, "wb") as w:
-                w.write(out)
+                w.write(b"\n" + out)
         except BaseException:  # noqa: BLE001
             code = 3
         os._exit(code)
@@ -427,10 +448,14 @@ def run_seed(base: str, work: str, seed: int, kind: str, quick: bool, timeout: f
         rec.update(outcome="hang", steps={})
     else:
         with os.fdopen(rfd, "rb") as r:
-            raw = r.read()
+            lines = r.read().split(b"\n")
         rfd = -1
+        marks = [x[1:].decode() for x in lines if x.startswith(b"@")]
+        before = next((json.loads(x[1:]) for x in reversed(lines) if x.startswith(b"#")), {})
+        raw = next((x for x in reversed(lines) if x.startswith(b"{")), b"")
         if os.WIFSIGNALED(status):
-            rec.update(outcome="signal", steps={}, signal=signal.Signals(os.WTERMSIG(status)).name)
+            rec.update(outcome="signal", steps=before, signal=signal.Signals(os.WTERMSIG(status)).name,
+                       died_in=marks[-1] if marks else "opening")
         elif not raw:
             rec.update(outcome="foreign", steps={}, note=f"child exited {os.WEXITSTATUS(status)} without a report")
         else:
@@ -470,6 +495,10 @@ def table(recs: list[dict]) -> str:
         total.update(c)
         lines.append(f"| {k} | {sum(c[o] for o in OUTCOMES)} | " + " | ".join(str(c[o]) for o in cols) + " |")
     lines.append(f"| **all** | {sum(total[o] for o in OUTCOMES)} | " + " | ".join(str(total[o]) for o in cols) + " |")
+    died = Counter((r["kind"], r.get("died_in", "?"), r.get("signal", "?")) for r in recs if r["outcome"] == "signal")
+    if died:
+        lines += ["", "Signals, by the step that took them: " + "; ".join(
+            f"{k} in {step}: {n} ({sig})" for (k, step, sig), n in sorted(died.items()))]
     return "\n".join(lines)
 
 
@@ -518,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted(r["seed"] for r in recs)
         print(f"{len(recs)} seeds ({seeds[0]}..{seeds[-1]}) from {len(a.merge)} runs\n")
         print(table(recs))
-        return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0
+        return 1 if any(_fails(r) for r in recs) else 0
     kinds = [k for k in a.kind.split(",") if k]
     bad = set(kinds) - set(KINDS)
     if bad:
@@ -534,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             rec = run_seed(base, root, seed, kind, a.quick, a.timeout, a.with_source, places)
             recs.append(rec)
             if rec["outcome"] not in ("ok", "refused"):
-                detail = rec.get("signal") or {k: v for k, v in rec.get("steps", {}).items()
+                detail = (f"{rec['signal']} in step {rec['died_in']}" if rec.get("signal") else None) or {
+                    k: v for k, v in rec.get("steps", {}).items()
                                                 if v[0] not in ("ok", "refused")}
                 print(f"seed {seed} {kind}: {rec['outcome']} ({rec['damage'][:80]}) {detail}", flush=True)
             done = len(recs)
@@ -549,7 +579,13 @@ def main(argv: list[str] | None = None) -> int:
             else "all steps") + (", keyed" if a.keyed else "")
     print(f"\n{len(recs)} seeds ({a.start}..{a.start + a.n - 1}), {mode}, {time.monotonic() - t0:.0f}s\n")
     print(table(recs))
-    return 1 if any(r["outcome"] not in ("ok", "refused") for r in recs) else 0
+    return 1 if any(_fails(r) for r in recs) else 0
+
+
+def _fails(r: dict) -> bool:
+    if r["outcome"] in ("ok", "refused"):
+        return False
+    return not (r["outcome"] == "signal" and (r["kind"], r.get("died_in")) in ACCEPTED_SIGNALS)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,21 @@ def _fuzz(*args: str, timeout: float) -> str:
 
 
 def test_fuzz_every_kind_briefly():
-    out = _fuzz("6", "--quick", "--start", "7000", timeout=300)
-    for kind in ("span", "bitflip", "zero_page", "copy_page", "truncate", "append"):
+    out = _fuzz("7", "--quick", "--start", "7000", timeout=300)
+    for kind in ("span", "bitflip", "zero_page", "copy_page", "truncate", "append", "published"):
         assert f"| {kind} | 1 |" in out, out
+
+
+def test_fuzz_damaged_published_copies():
+    """Damage after publishing that keeps the publish record matching (readers skip the
+    walk): never a signal, a hang, a foreign exception or a wrong sample."""
+    out = _fuzz("4", "--quick", "--kind", "published", "--start", "7100", timeout=300)
+    assert "| published | 4 |" in out, out
+
+
+@pytest.mark.slow
+def test_fuzz_published_100_seeds_quick():
+    _fuzz("100", "--quick", "--kind", "published", "--start", "300000", timeout=900)
 
 
 @pytest.mark.slow
