@@ -32,8 +32,8 @@ import xxhash
 
 from .errors import DuplicateKeyError, KeyFunctionError
 
-__all__ = ["MAX_KEY_BYTES", "KeyFunction", "all_keys", "digest", "duplicate", "key_bytes", "key_function", "key_value",
-           "missing_keys"]
+__all__ = ["MAX_KEY_BYTES", "KeyFunction", "all_keys", "digest", "duplicate", "key_bytes", "key_function",
+           "key_value", "missing_keys"]
 
 MAX_KEY_BYTES = 0xFFFF  # the metadata row stores the key's length in 16 bits
 _xxh128_digest = xxhash.xxh3_128_digest  # big-endian: the bytes of xxh3_128_intdigest
