@@ -25,6 +25,7 @@ from .errors import (
 )
 from .maintenance.publish import PublishReport, publish
 from .pubrecord import matches_record, publish_record
+from .stage import StageReport, stage
 from .view import CacheInfo, CacheView, open_cache
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "NotACacheError",
     "PublishReport",
     "SampleTooLargeError",
+    "StageReport",
     "StaleCacheError",
     "UnsupportedSampleError",
     "__version__",
@@ -61,4 +63,5 @@ __all__ = [
     "open_cache",
     "publish",
     "publish_record",
+    "stage",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -67,8 +68,8 @@ def _json(report: Any, **extra: Any) -> None:
 class _Bar:
     """A click progress bar on a terminal; nothing otherwise (or with --json)."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
+    def __init__(self, label: str, enabled: bool, unit: str = "items") -> None:
+        self.label, self.unit = label, unit
         self.enabled = enabled and sys.stderr.isatty()
         self.bar: Any = None
         self.shown = 0
@@ -87,7 +88,7 @@ class _Bar:
 
     def _rate(self) -> str:
         dt = time.perf_counter() - getattr(self, "t0", time.perf_counter())
-        return f"{self.shown / dt:,.0f} items/s" if dt > 0 else ""
+        return f"{self.shown / dt:,.0f} {self.unit}/s" if dt > 0 else ""
 
     def close(self) -> None:
         if self.bar is not None:
@@ -370,6 +371,59 @@ def publish_cmd(src: str, dest: str, force: bool, as_json: bool) -> None:
                f"size: {_size(r.bytes)} (source data.mdb {_size(r.src_bytes)})\n"
                + (f"replaced the previous cache ({r.exchange})\n" if r.replaced else "")
                + f"{r.seconds:.2f} s")
+
+
+# --------------------------------------------------------------------------- stage
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class _Bytes(click.ParamType):
+    """A size in bytes: ``1000000``, ``500M``, ``20G``, ``1.5TiB`` (powers of 1024)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        mt = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(value))
+        if not mt:
+            self.fail(f"{value!r} is not a size (e.g. 500000000, 500M, 20G)", param, ctx)
+        return int(float(mt.group(1)) * _UNITS[mt.group(2).lower()])
+
+
+@cli.command("stage")
+@click.argument("src", type=click.Path())
+@click.argument("dir", type=click.Path(file_okay=False))
+@click.option("--max-bytes", type=_Bytes(), default=None, metavar="N",
+              help="Keep the staged copies in DIR under N bytes (500M, 20G...): the least recently used "
+                   "copies not in use are evicted first.")
+@_reporting
+def stage_cmd(src: str, dir: str, max_bytes: int | None, as_json: bool) -> None:
+    """Copy the published cache SRC to node-local DIR (or reuse the copy there) and print its path.
+
+    Every process and job on this node finds the same copy; it is copied again when SRC
+    was published again (--force) or the local copy is damaged. Without space for it, a
+    warning says so and SRC itself is printed: read it in place.
+    """
+    import warnings
+
+    from .errors import KvCacheWarning
+    from .stage import stage_report
+
+    bar = _Bar("stage", not as_json, unit="MiB")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", KvCacheWarning)
+        try:
+            r, _ = stage_report(src, dir, max_bytes=max_bytes, progress=bar.arg())
+        finally:
+            bar.close()
+    for w in caught:
+        click.echo(f"kvcache: warning: {str(w.message).removeprefix('kvcache: ')}", err=True)
+    if as_json:
+        return _json(r, warnings=[str(w.message) for w in caught])
+    click.echo(r.path)
 
 
 # --------------------------------------------------------------------------- get

@@ -24,6 +24,7 @@ from .lru import BytesLRU
 from .stats import BuildReport, CacheStats
 from .reader import CachedReader
 from .selfrepair import CHECK_EVERY_S, Recovering, file_id
+from .stage import open_staged, release
 from .store import KEY, Store
 from .writeback import Writer
 
@@ -93,6 +94,13 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             keyed or index-keyed: opening one the other way is a changed fingerprint
             (``on_stale`` decides), and reading a keyed cache without a source needs
             ``key=`` too (or ``open_cache(path).by_key(k)``).
+        stage: a directory on node-local disk: read a verified local copy of the
+            published cache at ``path`` made there (:func:`kvcache.stage`) instead of
+            ``path`` itself. The first opener on the node copies it (the constructing
+            process, before DataLoader workers start); every other process and later job
+            reuses it after one ``stat`` of ``path``; a republished ``path`` is copied
+            again. While this dataset is open the copy is never evicted. Without space for
+            it, a ``KvCacheWarning`` says so and ``path`` is read in place.
 
     A *published* cache (``kvcache publish``) and any cache on a network filesystem are
     opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
@@ -120,7 +128,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
                  write_batch: int = 4096, spot_check: int = 0,
                  allow_network_writes: bool = False,
                  transform: Callable[[Any], Any] | None = None,
-                 key: Callable[[int], str | bytes] | None = None) -> None:
+                 key: Callable[[int], str | bytes] | None = None,
+                 stage: str | os.PathLike | None = None) -> None:
         if on_stale not in _ON_STALE:
             raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
         self._args = dict(
@@ -129,7 +138,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             map_size=map_size, max_map_size=max_map_size, readahead=readahead,
             max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
             allow_network_writes=allow_network_writes,
-            transform=transform, key=key,
+            transform=transform, key=key, stage=None if stage is None else os.fspath(stage),
         )
         self._setup()
         try:
@@ -154,6 +163,9 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         a = self._args
         self.source = a["source"]
         self.path = os.path.abspath(a["path"])
+        self._stage_fd: int | None = None  # the shared lock that keeps a staged copy (stage=)
+        if a.get("stage") is not None:
+            self.path, self._stage_fd = open_staged(self.path, a["stage"])
         self.verify = a["verify"]
         self.max_sample_bytes = a["max_sample_bytes"]
         self._transform = a.get("transform")
@@ -462,6 +474,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             self._closed = True
             self._env = None
             self._store.close()
+            release(self._stage_fd)
+            self._stage_fd = None
 
     def __enter__(self) -> "LmdbCachedDataset":
         return self

@@ -22,13 +22,15 @@ class Progress:
         enabled: draw the line on ``stream``; None draws it only on a terminal.
         fn: also call ``fn(done, total)`` after every update (the CLI's click bar).
         stream: where the line goes (stderr).
+        unit: what is counted (``items``; ``MiB`` for a copy).
 
     ``with Progress("build", total=n) as bar: bar.update(k)`` draws and ends the line.
     """
 
     def __init__(self, label: str = "", *, total: int = 0, enabled: bool | None = None,
-                 fn: Callable[[int, int], None] | None = None, stream: Any = None) -> None:
-        self.label, self.fn = label, fn
+                 fn: Callable[[int, int], None] | None = None, stream: Any = None,
+                 unit: str = "items") -> None:
+        self.label, self.fn, self.unit = label, fn, unit
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total = total
@@ -62,7 +64,7 @@ class Progress:
         fill = min(width, int(width * self.done / self.total)) if self.total else width
         self.stream.write(
             f"\r{self.label} [{'#' * fill}{'-' * (width - fill)}] {self.done}/{self.total} "
-            f"{rate:,.0f} items/s ETA {eta:,.0f}s "
+            f"{rate:,.0f} {self.unit}/s ETA {eta:,.0f}s "
         )
         self.stream.flush()
         self._drawn = True
