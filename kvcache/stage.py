@@ -172,8 +172,8 @@ def _check_copy(local_dir: str, eid: str, src_id: list[int] | None) -> str | Non
 
 
 def staged_entries(local_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The copies in ``local_dir``: ``{"id", "path", "bytes", "last_used", "source"}``,
-    least recently used first."""
+    """The copies in ``local_dir``: ``{"id", "path", "bytes", "last_used", "source"}``
+    (``last_used`` in ns since the epoch), least recently used first."""
     local_dir = os.path.abspath(os.fspath(local_dir))
     out = []
     try:
@@ -200,18 +200,25 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def _last_used(local_dir: str, eid: str) -> float:
+def _last_used(local_dir: str, eid: str) -> int:
     for suffix in (".use", ".staged"):
         with contextlib.suppress(OSError):
-            return os.stat(os.path.join(local_dir, eid + suffix)).st_mtime
-    return 0.0
+            return os.stat(os.path.join(local_dir, eid + suffix)).st_mtime_ns
+    return 0
 
 
 def _touch(local_dir: str, eid: str) -> None:
+    """Mark ``eid`` used now: the mtime of ``ID.use``, strictly later than any other copy's
+    (file times tick in jiffies here: two uses within ~4 ms would otherwise tie)."""
     p = os.path.join(local_dir, eid + ".use")
     with contextlib.suppress(OSError):
         os.close(_open_lock(p))
-        os.utime(p)
+        latest = max((e["last_used"] for e in staged_entries(local_dir)), default=0)
+        t = max(time.time_ns(), latest + 1)
+        try:
+            os.utime(p, ns=(t, t))
+        except PermissionError:  # another user's file: only "now" may be set
+            os.utime(p)
 
 
 # --------------------------------------------------------------------------- removal
