@@ -313,7 +313,7 @@ def test_disk_filled_during_the_copy_reads_in_place(tmp_path, tmpfs):
 # --------------------------------------------------------------------------- datasets and workers
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataset_workers_read_the_staged_copy(pub, tmp_path, method):
     local = str(tmp_path / "node")
     ds = kvcache.LmdbCachedDataset(None, pub, stage=local)
@@ -356,7 +356,7 @@ def net():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_staged_through_the_network_makes_no_read_of_the_published_copy(net, tmp_path, method):
     fs, _backing, mount = net
     pub = make_published(mount, "pub", ImageSource(300), work=tmp_path)

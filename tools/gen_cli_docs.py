@@ -195,6 +195,19 @@ def main() -> None:
         run("gc", "keyed", "--source", SPEC.replace(":demo", ":shrunk"), "--key", "key",
             note="With the current source (here 500 items removed, the 200 appended gone too), "
                  "`gc` drops the records whose keys the source no longer has:")
+        h("stage", """
+            `kvcache stage SRC DIR [--max-bytes N] [--json]` copies the published cache SRC
+            (usually on shared storage) to node-local DIR and prints the local copy's path; run
+            again, by any process or job on the node, it reuses the copy (one `stat` of SRC).
+            It copies again when SRC was published again (`--force`) or the local copy is
+            damaged. `--max-bytes` (`500M`, `20G`) bounds all copies in DIR: the least recently
+            used ones, not in use, are evicted first. Without room, a warning says so and SRC
+            itself is printed (read it in place). A progress bar (MiB/s) is drawn on a
+            terminal (docs/network.md, "Staging to node-local disk").""")
+        run("stage", "shared/cache", "local")
+        run("stage", "shared/cache", "local", "--json", note="Again: the copy is reused:")
+        run("stage", "shared/cache", "local2", "--max-bytes", "1M",
+            note="A bound it cannot fit under: read in place:")
         _write(args.out, sections)
     finally:
         shutil.rmtree(work, ignore_errors=True)
