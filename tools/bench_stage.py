@@ -41,8 +41,10 @@ import netsim  # noqa: E402
 
 import kvcache  # noqa: E402
 
+import kvcache.copyfile  # noqa: E402
+
 STAGE_MOD = sys.modules["kvcache.stage"]  # the module (``kvcache.stage`` is the function)
-RECORD = 256 << 10
+RECORD = 256 << 10  # --record-kib
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -78,13 +80,27 @@ def dd(src: str, dest: str) -> float:
 
 
 def timed_stage(pub: str, local: str, streams: int, chunk: int) -> float:
-    STAGE_MOD.STREAMS, STAGE_MOD.CHUNK = streams, chunk
+    kvcache.copyfile.STREAMS, kvcache.copyfile.CHUNK = streams, chunk
     shutil.rmtree(local, ignore_errors=True)
     t0 = time.perf_counter()
     rep, _ = STAGE_MOD.stage_report(pub, local)
     dt = time.perf_counter() - t0
     assert rep.copied and not rep.in_place, rep
     return dt
+
+
+def epochs(path: str, epochs: int, **kw) -> list[float]:
+    """µs per item of each DataLoader epoch (2 persistent workers, batch 256, shuffled)."""
+    out = []
+    with kvcache.LmdbCachedDataset(None, path, **kw) as ds:
+        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=2, shuffle=True,
+                                             persistent_workers=True)
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            for _batch in loader:
+                pass
+            out.append((time.perf_counter() - t0) / len(ds) * 1e6)
+    return out
 
 
 def read_pass(path: str, n: int, k: int, **kw) -> float:
@@ -105,9 +121,13 @@ def main() -> None:
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--chunk-mib", default="8")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--record-kib", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=2, help="DataLoader epochs, staged and local (0: none)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json")
     a = ap.parse_args()
+    global RECORD
+    RECORD = a.record_kib << 10
     why = netsim.unavailable()
     if why:
         sys.exit(f"bench_stage: no FUSE here: {why}")
@@ -142,10 +162,15 @@ def main() -> None:
         STAGE_MOD.stage_report(pub, local)
         res["reuse_s"] = time.perf_counter() - t0
         res["reuse_ops"] = netsim.delta(fs.counts(), before)
-        n = size // (RECORD + 4096)
+        n = len(kvcache.open_cache(os.path.join(backing, "pub")))
         before = fs.counts()
         res["staged_us"] = read_pass(pub, n, 2000, stage=local)
         res["staged_pass_ops"] = netsim.delta(fs.counts(), before)
+        if a.epochs:
+            before = fs.counts()
+            res["staged_epochs_us"] = epochs(pub, a.epochs, stage=local)
+            res["staged_epochs_ops"] = netsim.delta(fs.counts(), before)
+            res["local_epochs_us"] = epochs(os.path.join(backing, "pub"), a.epochs)
     res["local_us"] = read_pass(os.path.join(backing, "pub"), n, 2000)
     res["staged_us_2"] = read_pass(os.path.join(local, STAGE_MOD.entry_id(pub)), n, 2000)
     res["load_after"] = os.getloadavg()
@@ -153,7 +178,7 @@ def main() -> None:
     gbps = size / 1e9
     best_dd = min(res["dd_file"])
     print(f"\n{size / (1 << 20):,.0f} MiB data.mdb, netsim {kw}; load {res['load'][0]:.1f} -> {res['load_after'][0]:.1f}")
-    print(f"| what | best s | GB/s | x dd to a file |\n|---|---:|---:|---:|")
+    print("| what | best s | GB/s | x dd to a file |\n|---|---:|---:|---:|")
     print(f"| dd bs=4M to /dev/null | {min(res['dd_null']):.2f} | {gbps / min(res['dd_null']):.2f} | "
           f"{min(res['dd_null']) / best_dd:.2f} |")
     print(f"| dd bs=4M to local disk, conv=fsync | {best_dd:.2f} | {gbps / best_dd:.2f} | 1.00 |")
@@ -162,6 +187,11 @@ def main() -> None:
     print(f"reuse (stage again): {res['reuse_s'] * 1e3:.2f} ms, ops on the mount {res['reuse_ops']}")
     print(f"random reads after staging: {res['staged_us']:.1f} µs/item, ops on the mount {res['staged_pass_ops']}; "
           f"the same cache on local disk {res['local_us']:.1f} µs/item (staged again: {res['staged_us_2']:.1f})")
+    if a.epochs:
+        st, lo = res["staged_epochs_us"], res["local_epochs_us"]
+        print(f"DataLoader epochs (2 persistent workers, batch 256), µs/item: staged {', '.join(f'{x:.1f}' for x in st)} "
+              f"(ops on the mount {res['staged_epochs_ops']}); the published file on local disk "
+              f"{', '.join(f'{x:.1f}' for x in lo)}; last epoch staged/local {st[-1] / lo[-1]:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
