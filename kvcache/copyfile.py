@@ -30,9 +30,15 @@ class NoSpace(Exception):
     """The local disk is full (ENOSPC, EDQUOT): the copy was abandoned."""
 
 
-def copy_file(src: str, dst: str, size: int, bar: Any) -> None:
-    """Copy ``src`` to ``dst`` with ``STREAMS`` concurrent ``CHUNK``-sized requests, then
-    read ``dst`` back and compare every chunk's hash with what was read from ``src``."""
+def copy_file(src: str, dst: str, size: int, bar: Any, read_back: bool = True) -> None:
+    """Copy ``src`` to ``dst`` with ``STREAMS`` concurrent ``CHUNK``-sized requests, fsync,
+    then (``read_back``) read ``dst`` back and compare every chunk's hash with what was
+    read from ``src``.
+
+    Raises:
+        NoSpace: the disk is full. KvCacheError: ``src`` changed size, or the copy does
+        not read back what was written.
+    """
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):
@@ -101,7 +107,8 @@ def copy_file(src: str, dst: str, size: int, bar: Any) -> None:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise NoSpace(str(exc)) from None
                 raise
-            run(dfd, None, True)
+            if read_back:
+                run(dfd, None, True)
         finally:
             os.close(dfd)
     finally:

@@ -6,9 +6,12 @@ process and job on the node.
 again with ``--force``) or damaged, reused otherwise. Reading the local copy costs no
 round trip to the server. The layout of ``local_dir`` and its locks: :mod:`kvcache.stagedir`.
 
-A copy is written into a temporary directory, verified (the bytes written read back equal
-to the bytes read from ``src``, chunk hashes; the copy is a kvcache cache that says it is
-published), fsynced, renamed into place; the marker comes last. A copy whose marker is
+A copy is written into a temporary directory, fsynced, verified, renamed into place; the
+marker comes last. Verified: the copy, read back whole, has the xxh3-128 digest that
+``src``'s publish record (:mod:`kvcache.pubrecord`) took of the file publish validated, so
+the staged bytes are the published ones and open without a structural walk; a cache
+published without a record is read back chunk by chunk against what was read from
+``src`` and walked (:func:`kvcache.identity.check_identity`). A copy whose marker is
 missing or no longer matches its files (half written, truncated, modified) is copied again.
 
 Reuse costs one ``stat`` of ``src/data.mdb`` (no read): a republish (``kvcache publish
@@ -28,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .copyfile import NoSpace, copy_file, fsync_dir
-from .errors import KvCacheError, KvCacheWarning, NotACacheError
+from .errors import CacheCorruptError, KvCacheError, KvCacheWarning, NotACacheError
 from .identity import LOCK_NAME, check_identity
 from .progress import Progress, progress_for
+from .pubrecord import RECORD_NAME, file_digest, publish_record
 from .stagedir import (
     GLOBAL_LOCK,
     check_copy,
@@ -82,12 +86,25 @@ def _copy(src: str, local_dir: str, eid: str, files: list[tuple[str, int]], src_
         if bar is not None:
             bar.unit = "MiB"
             bar.start(max(1, sum(s for _, s in files) >> 20))
-        for name, size in files:
-            copy_file(os.path.join(src, name), os.path.join(tmp, name), size, bar if name == "data.mdb" else None)
+        recorded = any(name == RECORD_NAME for name, _ in files)
+        for name, size in files:  # data.mdb first
+            copy_file(os.path.join(src, name), os.path.join(tmp, name), size,
+                      bar if name == "data.mdb" else None, read_back=not recorded)
         if source_id(src) != src_id:
             raise KvCacheError(f"{src} was published again while it was being staged; stage it again")
-        fmt = check_identity(tmp, persist_stamp=False)  # a kvcache cache, whole and readable
-        if not fmt.get("published"):
+        rec = publish_record(tmp) if recorded else None
+        if rec is not None:
+            # the whole copy, read back, against the digest publish took of the file it
+            # validated: the staged bytes are the published ones (no walk needed after)
+            if file_digest(tmp) != rec.get("file_xxh3"):
+                raise CacheCorruptError(
+                    f"{src}: its data.mdb does not match the digest its publish record holds (damaged "
+                    f"after publishing, or misread); nothing was staged; check it with `kvcache verify {src}` "
+                    "and publish it again")
+            published = rec.get("published")
+        else:  # published by a kvcache without records: the chunks were read back; walk it
+            published = check_identity(tmp, persist_stamp=False).get("published")
+        if not published:
             raise _not_published(src)
         for name, _ in files:
             os.chmod(os.path.join(tmp, name), 0o444)  # before the marker records ctime

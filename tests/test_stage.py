@@ -76,7 +76,8 @@ def test_copies_once_then_reuses_across_processes(pub, tmp_path):
     assert rep.copied and not rep.in_place and rep.reason == "absent"
     assert rep.path == os.path.join(local, entry_id(pub)) and os.path.dirname(rep.path) == local
     assert sha(rep.path) == sha(pub)
-    assert sorted(os.listdir(rep.path)) == ["data.mdb", "kvcache.lock"]
+    assert sorted(os.listdir(rep.path)) == ["data.mdb", "kvcache.lock", "kvcache.published"]
+    assert kvcache.matches_record(rep.path)  # the publish record came along: it opens without a walk
     assert kvcache.open_cache(rep.path).info().entries == 200
     source = ImageSource(200)
     assert all(same(s, source[i]) for i, s in enumerate(read_all(rep.path, 200)))
@@ -159,7 +160,7 @@ def test_damaged_copy_is_copied_again(pub, tmp_path, damage):
     rep, _ = stage_report(pub, local)
     assert rep.copied and rep.reason.startswith("damaged"), rep
     assert sha(path) == sha(pub)
-    assert sorted(os.listdir(path)) == ["data.mdb", "kvcache.lock"]
+    assert sorted(os.listdir(path)) == sorted(os.listdir(pub))
     assert stage_report(pub, local)[0].reason == "reused"
 
 
@@ -398,3 +399,30 @@ def test_cli_stage(pub, tmp_path):
     p = subprocess.run([sys.executable, "-m", "kvcache", "stage", str(tmp_path / "nothing"), local],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("kvcache: error:") and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- the publish record
+
+
+def test_published_copy_damaged_after_publishing_is_not_staged(pub, tmp_path):
+    data = os.path.join(pub, "data.mdb")
+    os.chmod(data, 0o644)
+    with open(data, "r+b") as f:  # a byte of a record page: the meta pages still match the record
+        f.seek(os.path.getsize(data) // 2)
+        b = f.read(1)
+        f.seek(os.path.getsize(data) // 2)
+        f.write(bytes([b[0] ^ 0x55]))
+    assert kvcache.matches_record(pub)
+    local = str(tmp_path / "node")
+    with pytest.raises(kvcache.CacheCorruptError, match="kvcache verify"):
+        kvcache.stage(pub, local)
+    assert staged_entries(local) == [] and not [n for n in os.listdir(local) if ".tmp-" in n]
+
+
+def test_published_without_a_record_is_walked_and_staged(pub, tmp_path):
+    os.chmod(pub, 0o755)
+    os.unlink(os.path.join(pub, "kvcache.published"))  # as a kvcache before publish records wrote it
+    rep, _ = stage_report(pub, tmp_path / "node")
+    assert rep.copied and sorted(os.listdir(rep.path)) == ["data.mdb", "kvcache.lock"]
+    source = ImageSource(200)
+    assert all(same(s, source[i]) for i, s in enumerate(read_all(rep.path, 200)))
