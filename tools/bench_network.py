@@ -113,10 +113,24 @@ def make_reader(kind: str, path: str, n: int) -> Any:
         return LmdbPickle(path, n)
     import kvcache
 
+    if kind == "kvcache-staged":
+        return staged_reader(path, n)
     ra = {"kvcache": None, "kvcache-ra-off": False, "kvcache-no-prefetch": None}[kind]
     if kind == "kvcache-no-prefetch":
         os.environ["KVCACHE_PREFETCH_BYTES"] = "0"  # this child only
     return kvcache.LmdbCachedDataset(Cifarish(n), path, readahead=ra)
+
+
+STAGE_ENV = "KVCACHE_BENCH_STAGE_DIR"
+
+
+def staged_reader(path: str, n: int) -> Any:
+    """The ``--staged`` rows: the published cache staged to local disk
+    (``LmdbCachedDataset(..., stage=DIR)``; DIR is emptied before each row, so the first
+    pass includes the copy, and a DataLoader's parent copies before its workers start)."""
+    import kvcache
+
+    return kvcache.LmdbCachedDataset(Cifarish(n), path, stage=os.environ[STAGE_ENV])
 
 
 # --------------------------------------------------------------------------- building (local)
@@ -238,7 +252,8 @@ KINDS = ["per-file", "lmdb+pickle", "kvcache", "kvcache-no-prefetch", "kvcache-r
 LABEL = {"per-file": "per-file .npy + label", "lmdb+pickle": "LMDB + pickle",
          "kvcache": "kvcache published (default: readahead on)",
          "kvcache-ra-off": "kvcache published, readahead=False",
-         "kvcache-no-prefetch": "kvcache published, KVCACHE_PREFETCH_BYTES=0"}
+         "kvcache-no-prefetch": "kvcache published, KVCACHE_PREFETCH_BYTES=0",
+         "kvcache-staged": "kvcache published, staged to local disk (stage=)"}
 
 
 def summarize(r: dict) -> dict:
@@ -272,6 +287,7 @@ def main() -> None:
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib: the bench extra)")
     ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader runs")
+    ap.add_argument("--staged", action="store_true", help="add rows for the cache staged to local disk (stage=)")
     ap.add_argument("--from-json", help="print the table (and --plot) of an earlier run's --json")
     a = ap.parse_args()
     if a.from_json:
@@ -292,6 +308,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="kvcache-benchnet-", dir=a.work)
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     results: dict[str, Any] = {"n": a.n, "passes": a.passes, "epochs": a.epochs, "runs": []}
+    kinds = KINDS + (["kvcache-staged"] if a.staged else [])
+    stage_dir = os.environ[STAGE_ENV] = os.path.join(work, "stage")
     try:
         t = time.perf_counter()
         build_all(back, a.n)
@@ -305,18 +323,21 @@ def main() -> None:
             results["runs"].append({"latency_us": lat, "kind": "kvcache", "mode": "local", **summarize(r)})
             _log(results["runs"][-1])
             with netsim.NetSim(back, mnt, latency_us=lat, bandwidth_mbps=a.bandwidth_mbps) as fs:
-                for kind in KINDS:
+                for kind in kinds:
                     paired = os.path.join(back, "kvcache") if kind == "kvcache" else None
-                    r = run_child(["passes", kind, os.path.join(mnt, kind.replace("-ra-off", "").replace("-no-prefetch", "")), a.n,
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                    r = run_child(["passes", kind, os.path.join(mnt, _stored_as(kind)), a.n,
                                    a.passes, fs.control, 1, paired])
                     results["runs"].append({"latency_us": lat, "kind": kind, "mode": "process",
                                             **summarize(r)})
                     _log(results["runs"][-1])
                 if a.no_loader:
                     continue
-                for kind in ("per-file", "lmdb+pickle", "kvcache"):
+                for kind in ("per-file", "lmdb+pickle", "kvcache") + (("kvcache-staged",) if a.staged else ()):
                     for pw in (False, True):
-                        r = run_child(["loader", kind, os.path.join(mnt, kind), a.n, a.epochs, pw, fs.control])
+                        shutil.rmtree(stage_dir, ignore_errors=True)
+                        r = run_child(["loader", kind, os.path.join(mnt, _stored_as(kind)), a.n, a.epochs, pw,
+                                       fs.control])
                         results["runs"].append({"latency_us": lat, "kind": kind,
                                                 "mode": f"loader pw={'on' if pw else 'off'}",
                                                 **summarize(r)})
@@ -329,6 +350,11 @@ def main() -> None:
             json.dump(results, f, indent=1)
     if a.plot:
         plot(results, a.plot)
+
+
+def _stored_as(kind: str) -> str:
+    """The directory under the mount that a row reads."""
+    return kind.replace("-ra-off", "").replace("-no-prefetch", "").replace("-staged", "")
 
 
 def _log(r: dict) -> None:
@@ -376,7 +402,25 @@ def table(res: dict) -> str:
         if pw:
             lines.append(f"  DataLoader with persistent_workers=True: {pw['steady_ops']:.3f} ops/item after "
                          f"the first epoch (off: {get[('kvcache', 'loader pw=off')]['steady_ops']:.3f})")
+        lines += staged_ratios(get, base)
     return "\n".join(lines)
+
+
+def staged_ratios(get: dict, base: dict) -> list[str]:
+    """The ``--staged`` rows against reading in place and the local disk (same run)."""
+    st, kv = get.get(("kvcache-staged", "process")), get.get(("kvcache", "process"))
+    if not st:
+        return []
+    out = [f"  staged (stage=): first pass {st['first_us']:,.1f} µs/item with the copy "
+           f"({st['open_ms']:.0f} ms to stage and open) vs {kv['first_us']:,.1f} in place; steady state "
+           f"{st['steady_ops']:.3f} ops/item, {st['steady_us'] / base['steady_us']:.2f}x the cache on local disk"]
+    for pw in ("off", "on"):
+        r = get.get(("kvcache-staged", f"loader pw={pw}"))
+        if r:
+            out.append(f"  staged DataLoader, persistent_workers {pw}: later epochs {r['steady_ops']:.3f} ops/item, "
+                       f"{r['steady_us']:,.1f} µs/item (in place: "
+                       f"{get[('kvcache', f'loader pw={pw}')]['steady_us']:,.1f})")
+    return out
 
 
 def plot(res: dict, out: str) -> None:
