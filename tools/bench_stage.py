@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--record-kib", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2, help="DataLoader epochs, staged and local (0: none)")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--local-root", default=None,
+                    help="where the staged copies go (default: under --work; /dev/shm leaves the local disk out)")
     ap.add_argument("--json")
     a = ap.parse_args()
     global RECORD
@@ -144,7 +146,8 @@ def main() -> None:
         print("this netsim has no --bandwidth-mbps: latency only", flush=True)
     res: dict = {"mib": a.mib, "latency_us": a.latency_us, "netsim": kw, "load": os.getloadavg(),
                  "dd_null": [], "dd_file": [], "stage": {}}
-    local = os.path.join(work, "node")
+    local = os.path.join(tempfile.mkdtemp(prefix="bench-stage-node-", dir=a.local_root) if a.local_root else work,
+                         "node")
     pub = os.path.join(mount, "pub")
     size = os.path.getsize(os.path.join(backing, "pub", "data.mdb"))
     configs = [(int(s), int(float(c) * (1 << 20))) for s in a.streams.split(",") for c in a.chunk_mib.split(",")]
@@ -175,6 +178,8 @@ def main() -> None:
     res["staged_us_2"] = read_pass(os.path.join(local, STAGE_MOD.entry_id(pub)), n, 2000)
     res["load_after"] = os.getloadavg()
     shutil.rmtree(work, ignore_errors=True)
+    if a.local_root:
+        shutil.rmtree(os.path.dirname(local), ignore_errors=True)
     gbps = size / 1e9
     best_dd = min(res["dd_file"])
     print(f"\n{size / (1 << 20):,.0f} MiB data.mdb, netsim {kw}; load {res['load'][0]:.1f} -> {res['load_after'][0]:.1f}")
