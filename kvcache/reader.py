@@ -99,6 +99,8 @@ class CachedReader:
             txn.abort()
         if value is _STALE:
             value = self._compute(i)
+            if self._writer.rows:
+                self._writer.after_miss()
         if self._transform is not None:
             return self._transform(value)
         return value

@@ -1,9 +1,22 @@
 """Write-back: computed samples are buffered and written in batches, outside any read.
 
 A batch is flushed when it holds ``batch_items`` records or ``batch_bytes`` bytes, when
-its oldest record is ``batch_seconds`` old, on ``close()``, and when the process exits,
-including a DataLoader worker's exit (a worker ends through multiprocessing, which runs
-``multiprocessing.util.Finalize`` callbacks but not ``atexit``).
+its oldest record is ``batch_seconds`` old, on ``close()``, and on every kind of process
+end:
+
+* a normal exit, and a DataLoader worker's shutdown (a worker ends through
+  multiprocessing, which runs ``multiprocessing.util.Finalize`` callbacks, not ``atexit``);
+* SIGTERM (a scheduler's, or multiprocessing's own at interpreter exit: torch skips
+  ``_shutdown_workers`` once Python is finalizing, and multiprocessing then terminates
+  the daemonic persistent workers): a handler installed at a process's first buffered
+  row, when SIGTERM would otherwise kill it outright, writes every buffered row, then
+  ends the process as it would have ended (a DataLoader worker with exit status 0, as
+  torch's own handler does; any other process by SIGTERM);
+* in a DataLoader worker, when it runs out of work: before a batch is returned, the
+  worker's index queue is polled once (only while rows are buffered), and an empty
+  queue means this was its last batch for now (the end of an epoch), so the rows are
+  committed before the batch reaches the main process. A sample computed in epoch k is
+  therefore in the cache before epoch k + 1 starts, whichever worker reads it then.
 
 A batch that does not fit (the map at ``max_map_size``, a full disk, the file size
 limit) is split in halves and each half tried again, down to single records, so a full
@@ -22,6 +35,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 import weakref
@@ -33,6 +49,7 @@ from .store import Store
 
 __all__ = ["Writer", "write_what_fits"]
 
+IDLE_GETITEM = 0.05  # a worker reading item by item commits at most this often when out of work
 RETRY_AFTER = 5.0  # seconds before retrying write-back after a disk-full / I/O failure
 # errno values of a write that failed for lack of room (LMDB reports a full disk as EIO)
 _NO_ROOM = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -90,6 +107,7 @@ class Writer:
         self.warned: set[type] = set()
         self._pid = 0
         self._finalizer: Any = None
+        self._queue: Any = None  # this DataLoader worker's index queue (None elsewhere)
 
     def pending(self, index: Any) -> bytes | None:
         row = self.rows.get(index)
@@ -110,7 +128,9 @@ class Writer:
                 self.rows, self.owners, self.nbytes = {}, {}, 0  # the parent's rows are the parent's to write
             self._pid = pid
             self._finalizer = Finalize(self, Writer._flush_at_exit, args=(self.__dict__,), exitpriority=20)
+            self._queue = _worker_queue()
             _LIVE.add(self)
+            _install_sigterm()
         if not self.rows:
             self.oldest = time.monotonic()
         self.rows[index] = (record, meta)
@@ -122,15 +142,35 @@ class Writer:
             self.flush()
 
     def maybe_flush(self) -> None:
-        """Flush if the oldest buffered row is older than ``batch_seconds`` (called after
-        each DataLoader batch, so persistent workers that only hit still write back)."""
-        if self.rows and time.monotonic() - self.oldest >= self.batch_seconds:
+        """Flush if the oldest buffered row is ``batch_seconds`` old, or if this DataLoader
+        worker's index queue is empty (it is about to wait: commit before the batch goes
+        out). Called at the end of each ``__getitems__`` while rows are buffered."""
+        if self.rows and (time.monotonic() - self.oldest >= self.batch_seconds
+                          or (self._queue is not None and _empty(self._queue))):
+            self.flush()
+
+    def after_miss(self) -> None:
+        """``__getitem__``'s miss path in a worker (a wrapper such as ConcatDataset reads
+        item by item, so a batch's end is not seen): commit when out of work, at most
+        every ``IDLE_GETITEM`` seconds."""
+        if (self._queue is not None and time.monotonic() - self.oldest >= IDLE_GETITEM
+                and _empty(self._queue)):
             self.flush()
 
     def flush(self) -> int:
         """Write the buffered rows in one transaction; return how many were written."""
         if not self.rows:
             return 0
+        global _FLUSHING
+        _FLUSHING += 1
+        try:
+            return self._flush()
+        finally:
+            _FLUSHING -= 1
+            if _TERM_PENDING and not _FLUSHING:
+                _on_sigterm(signal.SIGTERM, None)
+
+    def _flush(self) -> int:
         rows, self.rows, self.owners, self.nbytes = self.rows, {}, {}, 0
         if self.fp_id is None:
             return 0
@@ -175,7 +215,12 @@ class Writer:
         if state.get("disabled") or fp_id is None or time.monotonic() < state.get("retry_at", 0.0):
             state["stats"].write_errors += len(rows)
             return
-        n, dropped, _exc = write_what_fits(store, [(i, r, m) for i, (r, m) in rows.items()], fp_id)
+        global _FLUSHING
+        _FLUSHING += 1
+        try:
+            n, dropped, _exc = write_what_fits(store, [(i, r, m) for i, (r, m) in rows.items()], fp_id)
+        finally:
+            _FLUSHING -= 1
         state["stats"].writes += n
         state["stats"].write_errors += dropped
 
@@ -197,3 +242,75 @@ def _flush_before_fork() -> None:
 
 
 os.register_at_fork(before=_flush_before_fork)
+
+
+def _worker_queue() -> Any:
+    """This DataLoader worker's index queue, or None outside a worker.
+
+    torch gives a worker's dataset no way to see that the worker ran out of work, so the
+    queue is taken from the frame of ``torch.utils.data._utils.worker._worker_loop``
+    (its ``index_queue`` argument, torch 1.x-2.x), once per process at the first miss.
+    Without it (another torch, another caller) rows are committed by count and age only,
+    and at the process's end. tests/test_first_run.py fails if this stops finding it.
+    """
+    mod = sys.modules.get("torch.utils.data._utils.worker")
+    if mod is None or mod.get_worker_info() is None:
+        return None
+    f: Any = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name == "_worker_loop":
+            q = f.f_locals.get("index_queue")
+            return q if callable(getattr(q, "empty", None)) else None
+        f = f.f_back
+    return None
+
+
+def _empty(queue: Any) -> bool:
+    try:
+        return bool(queue.empty())  # one poll() on the queue's pipe
+    except (OSError, ValueError):  # closed: the loader is going away
+        return True
+
+
+# SIGTERM: write what is buffered, then end as the process would have ended.
+_FLUSHING = 0  # > 0 while a flush runs in this process (the handler then waits for it)
+_TERM_PENDING = False
+_SIGTERM_PID = 0  # the process the handler was installed in
+
+
+def _install_sigterm() -> None:
+    """Install the SIGTERM handler in this process, at its first buffered row, where
+    SIGTERM would kill it outright: Python's default, or torch's C handler in a
+    DataLoader worker (Python reports that one as None). Never over a Python handler the
+    program installed, and only from the main thread (where Python runs handlers)."""
+    global _SIGTERM_PID
+    pid = os.getpid()
+    if _SIGTERM_PID == pid or threading.current_thread() is not threading.main_thread():
+        return
+    _SIGTERM_PID = pid
+    try:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None, _on_sigterm):
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _TERM_PENDING
+    if _FLUSHING:  # SIGTERM arrived inside a commit: let it finish, then come back here
+        _TERM_PENDING = True
+        return
+    _TERM_PENDING = False
+    pid = os.getpid()
+    for w in list(_LIVE):
+        if w.rows and w._pid == pid:
+            try:
+                w.flush()
+            except BaseException:  # noqa: BLE001 - ending anyway; the rows are lost like before
+                pass
+    if sys.modules.get("torch.utils.data._utils.worker") is not None:
+        info = sys.modules["torch.utils.data._utils.worker"].get_worker_info()
+        if info is not None:
+            os._exit(0)  # what torch's handler does for a DataLoader worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(pid, signal.SIGTERM)
