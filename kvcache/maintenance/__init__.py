@@ -10,7 +10,7 @@ from .get import LeafValue, SampleReport, get_sample
 from .inspect import InspectReport, LeafSummary, inspect_cache
 from .merge import MergeReport, merge
 from .publish import PublishReport, publish
-from .spec import load_key, load_spec
+from .spec import load_key, load_spec, module_for_file
 from .verify import VerifyReport, verify
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "inspect_cache",
     "load_key",
     "load_spec",
+    "module_for_file",
     "merge",
     "publish",
     "verify",
