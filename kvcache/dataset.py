@@ -190,6 +190,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         self._corrupt_base = 0
         self._next_check = 0.0
         self._file_id: tuple | None = None  # (dev, ino, size) of data.mdb when last looked at
+        self._parts: dict[str, Any] | None = None  # the source's fingerprint parts, once computed
 
     @property
     def transform(self) -> Callable[[Any], Any] | None:
@@ -204,11 +205,26 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
     # -- pickling: the constructor's arguments only, nothing live
 
     def __getstate__(self) -> dict:
-        return {"_args": self._args}
+        # and the fingerprint's parts (plain JSON data), so that workers do not hash the
+        # source's attributes again (a list of 10^6 paths: tens of milliseconds each)
+        return {"_args": self._args, "_parts": self._parts}
 
     def __setstate__(self, state: dict) -> None:
         self._args = state["_args"]
         self._setup()  # opens lazily, in the process that uses it
+        self._parts = state.get("_parts")
+
+    def _source_parts(self) -> dict[str, Any] | None:
+        """The source's fingerprint parts, computed once (when constructed), again only
+        if its length changed since."""
+        src = self.source
+        if src is None:
+            return None
+        p = self._parts
+        if p is None or ("length" in p and p["length"] != len(src)):
+            a = self._args
+            p = self._parts = compute_parts(src, a["version"], a["fingerprint"], self._keyfn is not None)
+        return p
 
     # -- opening
 
@@ -226,7 +242,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         self._file_id = file_id(self.path)
         self._next_check = _monotonic() + CHECK_EVERY_S
         keyed = self._keyfn is not None
-        parts = None if src is None else compute_parts(src, self._args["version"], self._args["fingerprint"], keyed)
+        parts = self._source_parts()
         length = None if src is None else len(src)
         res = catalog.resolve(self._store, parts, length, self._args["on_stale"])
         if src is None and res.fp_id is not None and self._cache_keyed(res.fp_id) != keyed:
@@ -256,6 +272,13 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             self._writer.disabled = e.readonly_reason  # buffering rows would only warn again
         if res.stale and res.reset:
             self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
+        elif res.stale and res.recompute and not res.deliberate:
+            self._warn_once("stale", (
+                f"kvcache: {self.path}: the source changed since the cache was filled "
+                f"({'; '.join(res.stale)}): {res.recompute:,} cached samples of the previous "
+                "source will be recomputed as they are read, not served (`kvcache gc` then drops "
+                "the old records; pass fingerprint=/version=, or list an attribute that does not "
+                "change the samples in the source class's kvcache_fingerprint_exclude)"))
         self._env = e
         return e
 
@@ -415,9 +438,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         """What identifies this source (class, length, class source hash, ``version``; or
         the ``fingerprint=`` given; a keyed source has ``keyed`` for the length); None
         without a source."""
-        a = self._args
-        return None if self.source is None else compute_parts(self.source, a["version"], a["fingerprint"],
-                                                              self._keyfn is not None)
+        return self._source_parts()
 
     @property
     def fingerprint_id(self) -> int | None:

@@ -3,6 +3,7 @@ read-only serving, pickling, fingerprints, and the errors each situation raises.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import pickle
 import warnings
@@ -190,7 +191,9 @@ def test_pickle_carries_only_constructor_args(path):
     ds = LmdbCachedDataset(src, path, version="v1", lru_bytes=1 << 20)
     for i in range(N):
         ds[i]
-    assert set(ds.__getstate__()) == {"_args"}
+    state = ds.__getstate__()
+    assert set(state) == {"_args", "_parts"}  # and the fingerprint's parts: plain JSON data
+    json.dumps(state["_parts"])
     blob = pickle.dumps(ds)
     assert b"Environment" not in blob
     clone = pickle.loads(blob)
@@ -224,7 +227,8 @@ def test_two_datasets_on_one_path_in_one_process(path):
 @pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_concurrent_writers_first_writer_wins(path, method):
     n = 200
-    filled(path, n=2)  # create the cache first: both writers open an existing one
+    with LmdbCachedDataset(ImageSource(n), path) as ds:  # create the cache first: both writers
+        ds[0], ds[1]                                     # open an existing one (same source)
     ctx = multiprocessing.get_context(method)
     procs = [ctx.Process(target=fill, args=(path, range(0, 150), n)),
              ctx.Process(target=fill, args=(path, range(199, 49, -1), n))]
@@ -259,7 +263,16 @@ def test_on_stale_recompute_never_serves_old_rows(path, change):
     with LmdbCachedDataset(old, path, **change) as ds:
         ds.build()
     changed = {key: change[key] * 2 if key == "fingerprint" else 2}
-    with LmdbCachedDataset(new, path, **changed) as ds:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = LmdbCachedDataset(new, path, **changed)
+    # version= alone is deliberate; a changed salt with fingerprint= untouched is not
+    msgs = [str(w.message) for w in caught]
+    if key == "fingerprint":
+        assert msgs == []
+    else:
+        assert len(msgs) == 1 and f"{N} cached samples of the previous source" in msgs[0], msgs
+    with ds:
         assert ds.cached_indices() == set()
         for i in range(N):
             assert same(ds[i], new[i])

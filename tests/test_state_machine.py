@@ -157,7 +157,8 @@ class CacheMachine(RuleBasedStateMachine):
         for w in got:
             assert issubclass(w.category, KvCacheWarning), w
             msg = str(w.message)
-            kinds.append("corrupt" if "damaged" in msg else "reset" if "emptied" in msg else msg)
+            kinds.append("corrupt" if "damaged" in msg else "reset" if "emptied" in msg
+                         else "stale" if "will be recomputed" in msg else msg)
         assert sorted(kinds) == sorted(self.want_warnings), (kinds, self.want_warnings)
         self.want_warnings = []
 
@@ -302,10 +303,13 @@ class CacheMachine(RuleBasedStateMachine):
                     LmdbCachedDataset(ImageSource(N, new), self.path, version=new, on_stale="error")
                 self._open(self.salt)  # the old source still opens it
                 return
+            others = sum(r.salt != new for r in self.records.values())
             self._open(new, on_stale)
             if on_stale == "reset":
                 self.records.clear()
                 self._warn("reset")
+            elif others:  # a changed source (its salt) warns once, naming what is recomputed
+                self.want_warnings.append("stale")
 
     @rule(workers=st.sampled_from([0, 1]))
     def build(self, workers: int) -> None:

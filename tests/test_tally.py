@@ -72,8 +72,9 @@ def test_writeback_version_bump_gc_reset(tmp_path):
             ds[i]
         ds.__getitems__(list(range(10)))
     assert assert_exact(path) == 55
-    # a version bump: the new fingerprint's records replace old ones one by one
-    with LmdbCachedDataset(helpers.ImageSource(100, salt=1), path, version=2) as ds:
+    # a changed source: the new fingerprint's records replace old ones one by one
+    with pytest.warns(KvCacheWarning, match="55 cached samples of the previous source will be recomputed"), \
+            LmdbCachedDataset(helpers.ImageSource(100, salt=1), path, version=2) as ds:
         for i in range(0, 30):
             ds[i]
     assert assert_exact(path) == 30
@@ -138,9 +139,12 @@ def test_a_cache_without_tally_opens_and_gets_one(tmp_path):
         assert len(v) == 200 and v.info().total_bytes > 0
     assert inspect_cache(path).current_entries == 200
     assert walk(path)[1] is None
-    with LmdbCachedDataset(H.small(), path) as ds:  # a writable open counts once
+    with LmdbCachedDataset(H.small(), path) as ds:  # an unchanged source: open writes nothing
         ds[0]
-    assert assert_exact(path) == 200
+    assert walk(path)[1] is None
+    with LmdbCachedDataset(H.small(), path, version="2") as ds:  # the next write counts once
+        ds[0]
+    assert assert_exact(path) == 1
 
 
 def test_a_tally_that_disagrees_with_the_rows_is_not_trusted(tmp_path):
