@@ -39,12 +39,13 @@ from .errors import (
     KvCacheWarning,
     MissingSampleError,
     SampleTooLargeError,
+    SourceError,
 )
 from .progress import Progress, progress_for
 from .stats import BuildReport
 from .store import KEY, Store
 
-__all__ = ["BATCH_ITEMS", "BuildJob", "Filled", "Sink", "Target", "build", "cached_set", "check_job",
+__all__ = ["BATCH_ITEMS", "ERRORS", "BuildJob", "Filled", "Sink", "Target", "build", "cached_set", "check_job",
            "encode_rows", "fill", "missing", "plan", "sample_cached", "start_method", "warn_too_large"]
 
 BATCH_ITEMS = 4096  # records per write transaction (a commit costs an fsync)
@@ -65,14 +66,20 @@ def start_method(method: str | None = None) -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def encode_rows(source: Any, indices: Sequence[Any], fp_id: int,
-                max_bytes: int) -> tuple[list[Row], list[int]]:
-    """Compute and encode ``source[i]`` for each index: the rows to write, and the indices
-    whose record is over ``max_bytes`` (served uncached, so not written). An item of a
+def encode_rows(source: Any, indices: Sequence[Any], fp_id: int, max_bytes: int,
+                skip: bool = False) -> tuple[list[Row], list[int], list[tuple[int, str]]]:
+    """Compute and encode ``source[i]`` for each index: the rows to write, the indices
+    whose record is over ``max_bytes`` (served uncached, so not written), and with
+    ``skip`` the ``(index, error)`` of each index whose source raised. An item of a
     keyed build is ``(index, LMDB key, seed, key bytes)`` (:func:`kvcache.keys.missing_keys`):
-    its row is written under the LMDB key, with the key in its metadata row."""
+    its row is written under the LMDB key, with the key in its metadata row.
+
+    Raises:
+        SourceError: the source raised (without ``skip``), naming the index.
+    """
     rows: list[Row] = []
     big: list[int] = []
+    failed: list[tuple[int, str]] = []
     for item in indices:
         if type(item) is tuple:
             i, key, seed, kb = item
@@ -80,14 +87,23 @@ def encode_rows(source: Any, indices: Sequence[Any], fp_id: int,
             i = key = seed = int(item)
             kb = None
         try:
-            record, meta = codec.encode_with_meta(source[i], fp_id, seed, key=kb)
+            sample = source[i]
+        except Exception as exc:  # noqa: BLE001 - the source's own error, whatever it is
+            why = f"{type(exc).__name__}: {exc}"
+            if skip:
+                failed.append((i, why))
+                continue
+            raise SourceError(f"index {i}: the source raised {why} (kvcache build --skip-errors, "
+                              "or build(errors='skip'), stores every other sample)") from exc
+        try:
+            record, meta = codec.encode_with_meta(sample, fp_id, seed, key=kb)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > max_bytes:
             big.append(i)
             continue
         rows.append((key, record, meta))
-    return rows, big
+    return rows, big, failed
 
 
 def missing(store: Store, fp_id: int | None, n: int) -> np.ndarray:
@@ -176,6 +192,7 @@ class Sink:
         self.rows: list[Row] = []
         self.nbytes = 0
         self.written = 0  # records committed (a key already holding this record is not counted)
+        self.computed = 0  # rows handed in (computed and encoded by this build)
         self.received = 0
         self.last = time.monotonic()
         self.path = store.path
@@ -189,6 +206,7 @@ class Sink:
         """Buffer ``rows`` (``count``: items they stand for in the progress, e.g. with
         too-large samples left out); commit when a batch is full or old."""
         self.rows.extend(rows)
+        self.computed += len(rows)
         self.nbytes += sum(len(r[1]) for r in rows)
         n = len(rows) if count is None else count
         self.received += n
@@ -213,7 +231,9 @@ class Filled:
     """What :func:`fill` did."""
 
     written: int = 0
+    computed: int = 0  # rows computed (a concurrent build may have written some first)
     too_large: list[int] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, error) with skip
     interrupted: bool = False
 
 
@@ -223,31 +243,34 @@ class Filled:
 _W: dict[str, Any] = {}
 
 
-def _init(source: Any, factory: Callable[[], Any] | None, fp_id: int, max_bytes: int) -> None:
+def _init(source: Any, factory: Callable[[], Any] | None, fp_id: int, max_bytes: int,
+          skip: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle
     if hasattr(signal, "pthread_sigmask"):  # blocked by _starting(); a pending one is dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _W.update(source=factory() if factory is not None else source, fp_id=fp_id, max_bytes=max_bytes)
+    _W.update(source=factory() if factory is not None else source, fp_id=fp_id, max_bytes=max_bytes,
+              skip=skip)
 
 
-def _task(indices: list[int]) -> tuple[list[Row], list[int], float]:
+def _task(indices: list[int]) -> tuple[list[Row], list[int], list[tuple[int, str]], float]:
     t0 = time.perf_counter()
-    rows, big = encode_rows(_W["source"], indices, _W["fp_id"], _W["max_bytes"])
-    return rows, big, time.perf_counter() - t0
+    rows, big, failed = encode_rows(_W["source"], indices, _W["fp_id"], _W["max_bytes"], _W["skip"])
+    return rows, big, failed, time.perf_counter() - t0
 
 
 def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: int = 0,
          max_bytes: int = 1 << 62, method: str | None = None,
-         source_factory: Callable[[], Any] | None = None) -> Filled:
+         source_factory: Callable[[], Any] | None = None, skip: bool = False) -> Filled:
     """Compute every index in ``todo`` and write it through ``sink``.
 
     ``workers=0`` computes here; ``workers=N`` in N processes (``method``: fork, spawn or
     forkserver). A Ctrl-C writes every row already computed (workers finish their
     current task) and returns with ``interrupted``; any other error writes what arrived
-    and propagates.
+    and propagates. With ``skip``, an index whose source raised is listed in ``failed``
+    and the rest go on.
 
     Raises:
-        BuildError: a worker process died. Whatever the source raises.
+        BuildError: a worker process died. SourceError: the source raised (no ``skip``).
     """
     out = Filled()
     if not isinstance(todo, list):  # a keyed build's items are tuples (see encode_rows)
@@ -257,25 +280,28 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
             k, step = 0, 1
             while k < len(todo):
                 t0 = time.perf_counter()
-                rows, big = encode_rows(source, _items(todo[k:k + step]), sink.fp_id, max_bytes)
-                k, n = k + step, len(rows) + len(big)
+                rows, big, failed = encode_rows(source, _items(todo[k:k + step]), sink.fp_id,
+                                                max_bytes, True)
+                k, n = k + step, len(rows) + len(big) + len(failed)
                 out.too_large += big
                 sink.add(rows, n)
+                _failed(out, failed, skip)
                 # chunks of about a fifth of the sink's tick, so it hears from us in time
                 per_item = (time.perf_counter() - t0) / max(n, 1)
                 step = int(min(max(sink.tick / 5 / max(per_item, 1e-9), 1), SERIAL_CHUNK))
         elif len(todo):
-            _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out)
+            _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out, skip)
     except KeyboardInterrupt:
         out.interrupted = True
     finally:
         sink.flush()  # on an error too: every row here is a complete record
     out.written = sink.written
+    out.computed = sink.computed
     return out
 
 
 def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, method: str,
-          factory: Callable[[], Any] | None, out: Filled) -> None:
+          factory: Callable[[], Any] | None, out: Filled, skip: bool) -> None:
     ctx = mp.get_context(method)
     # Never hold an environment across fork (kvcache.env); under fork every worker is
     # started by the first submit, and the sink reopens the store at its first commit.
@@ -283,22 +309,23 @@ def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, meth
     pos, per_item = 0, 0.0
     pending: set[Future] = set()
     ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
-                             initargs=(None if factory else source, factory, sink.fp_id, max_bytes))
+                             initargs=(None if factory else source, factory, sink.fp_id, max_bytes, True))
 
     def take(done: set[Future]) -> None:
         nonlocal per_item
         for f in done:
             try:
-                rows, big, secs = f.result()
+                rows, big, failed, secs = f.result()
             except BrokenProcessPool:
                 raise BuildError(
                     f"{sink.path}: a build worker died (killed, or out of memory); every "
                     "committed batch is kept: run the build again to resume") from None
-            n = len(rows) + len(big)
+            n = len(rows) + len(big) + len(failed)
             if n:
                 per_item = secs / n if not per_item else 0.7 * per_item + 0.3 * secs / n
             out.too_large += big
             sink.add(rows, n)
+            _failed(out, failed, skip)
 
     def submit() -> None:
         nonlocal pos
@@ -341,6 +368,16 @@ def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, meth
 
 def _items(part: Any) -> list:
     return part.tolist() if isinstance(part, np.ndarray) else part
+
+
+def _failed(out: Filled, failed: list[tuple[int, str]], skip: bool) -> None:
+    """Note the indices whose source raised; without ``skip`` the first one ends the
+    build (after the rows computed with it were handed to the sink: they are kept)."""
+    out.failed += failed
+    if failed and not skip:
+        i, why = min(failed)
+        raise SourceError(f"index {i}: the source raised {why} (kvcache build --skip-errors, "
+                          "or build(errors='skip'), stores every other sample)")
 
 
 @contextlib.contextmanager
@@ -409,7 +446,7 @@ def _open_writable(job: BuildJob) -> Target:
 
 
 def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_method: str | None = None,
-          source_factory: Callable[[], Any] | None = None) -> BuildReport:
+          source_factory: Callable[[], Any] | None = None, errors: str = "raise") -> BuildReport:
     """Fill every index of ``job``'s cache that is not cached yet, in this process and
     ``num_workers`` workers; see ``LmdbCachedDataset.build`` (which raises
     KeyboardInterrupt where this returns ``interrupted``; ``distributed=True`` is
@@ -417,9 +454,9 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
 
     Raises:
         MissingSampleError: no source. CacheReadOnlyError: the cache cannot be written.
-        BuildError: a worker died.
+        BuildError: a worker died. SourceError: the source raised (``errors="raise"``).
     """
-    check_job(job, num_workers)
+    check_job(job, num_workers, errors)
     t0 = time.perf_counter()
     t = _open_writable(job)
     n = t.length
@@ -429,14 +466,18 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
         bar.start(len(todo))
     try:
         done = fill(job.source, Sink(t.store, t.fp_id, bar), todo, workers=num_workers,
-                    max_bytes=t.max_sample_bytes, method=start_method, source_factory=source_factory)
+                    max_bytes=t.max_sample_bytes, method=start_method, source_factory=source_factory,
+                    skip=errors == "skip")
     finally:
         if bar is not None:
             bar.finish()
     warn_too_large(t.path, done.too_large, t.max_sample_bytes)
-    return BuildReport(n, done.written, n - len(todo), time.perf_counter() - t0, path=t.path,
+    failed = sorted(done.failed)
+    return BuildReport(n, done.computed, n - len(todo), time.perf_counter() - t0, path=t.path,
+                       written=done.written,
                        workers=max(num_workers, 1), interrupted=done.interrupted,
-                       too_large=len(done.too_large))
+                       too_large=len(done.too_large), failed=[i for i, _ in failed],
+                       first_error=failed[0][1] if failed else "")
 
 
 def plan(job: BuildJob, t: Target) -> Any:
@@ -451,9 +492,15 @@ def plan(job: BuildJob, t: Target) -> Any:
     return missing_keys(t.store, t.fp_id, key_function(job.key, t.path), t.length, t.path)
 
 
-def check_job(job: BuildJob, num_workers: int) -> None:
-    """Raises MissingSampleError (no source) or ValueError (a negative ``num_workers``)."""
+ERRORS = ("raise", "skip")
+
+
+def check_job(job: BuildJob, num_workers: int, errors: str = "raise") -> None:
+    """Raises MissingSampleError (no source) or ValueError (a negative ``num_workers``,
+    an unknown ``errors``)."""
     if job.source is None:
         raise MissingSampleError(f"{job.path}: build() needs a source dataset")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, not {num_workers}")
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}, not {errors!r}")

@@ -1,10 +1,11 @@
 """The ``kvcache`` command: a thin click layer over :mod:`kvcache.maintenance`.
 
-Exit codes: 0 ok; 1 problems found (bad records, a busy or damaged cache, any other
-kvcache error); 2 usage error or a path that is not a cache (or of another format, or
-a publish destination that exists without --force);
-130 a build interrupted by Ctrl-C.
-Every reporting command takes ``--json``. A kvcache error is one line on stderr.
+Exit codes: 0 ok; 1 problems found (bad records, a busy or damaged cache, a source that
+raised, a permission or other OS error, any other error); 2 usage error or a path that
+is not a cache (or of another format, a publish destination that exists without
+--force, a partial cache published without --partial); 130 a build interrupted by Ctrl-C.
+Every reporting command takes ``--json``. Every error is one line on stderr, never a
+traceback (``KVCACHE_DEBUG=1`` shows the traceback of an unexpected one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -20,15 +22,16 @@ from typing import Any, Callable
 import click
 
 from . import maintenance as m
-from .errors import CacheExistsError, IncompatibleCacheError, KvCacheError, NotACacheError
+from .errors import CacheExistsError, IncompatibleCacheError, KvCacheError, NotACacheError, PartialCacheError
 
 __all__ = ["cli", "main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
-def _fail(exc: BaseException, code: int) -> None:
-    click.echo(f"kvcache: error: {exc}", err=True)
+def _fail(exc: BaseException | str, code: int) -> None:
+    line = " ".join(str(exc).split())  # one line, whatever the message held
+    click.echo(f"kvcache: error: {line}", err=True)
     sys.exit(code)
 
 
@@ -39,12 +42,21 @@ def _guard(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (NotACacheError, IncompatibleCacheError, CacheExistsError) as exc:
+        except (NotACacheError, IncompatibleCacheError, CacheExistsError, PartialCacheError) as exc:
             _fail(exc, EXIT_USAGE)
         except KvCacheError as exc:
             _fail(exc, EXIT_PROBLEMS)
         except ValueError as exc:  # a malformed SPEC and the like
             _fail(exc, EXIT_USAGE)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: usage errors and the like, already one line
+        except OSError as exc:  # permissions, a read-only filesystem, a full disk
+            _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+                  + f" ({type(exc).__name__})", EXIT_PROBLEMS)
+        except Exception as exc:  # noqa: BLE001 - e.g. the SPEC's own code: one line, no traceback
+            if os.environ.get("KVCACHE_DEBUG"):
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (KVCACHE_DEBUG=1 shows the traceback)", EXIT_PROBLEMS)
 
     return wrapper
 
@@ -302,17 +314,25 @@ def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, 
 @click.option("--distributed", is_flag=True,
               help="Share the work among the ranks of a torch.distributed job (run under torchrun; "
                    "gloo on CPU): rank 0 writes PATH on its machine; the other ranks only compute.")
+@click.option("--skip-errors", is_flag=True,
+              help="Store every sample the source can compute and list the indices where it raised "
+                   "(exit 1; a later build tries them again). Without it the first error stops the "
+                   "build, naming the index.")
 @_reporting
 def build_cmd(spec: str, path: str, workers: int, version: str | None, key: str | None,
-              distributed: bool, as_json: bool) -> None:
-    """Fill every missing index of the cache at PATH from SPEC (module:callable).
+              distributed: bool, skip_errors: bool, as_json: bool) -> None:
+    """Fill every missing index of the cache at PATH from SPEC.
 
-    Resumable: an interrupted build (Ctrl-C) keeps what it wrote; run it again.
+    SPEC is module:callable (looked up from the current directory, as `python -m` does)
+    or path/to/file.py:callable (imported under its own module name, as a training script
+    importing it would), returning the source dataset: the cache is then the one training
+    with that source uses. Resumable: an interrupted build (Ctrl-C) keeps what it wrote;
+    run it again.
     """
     bar = _Bar("build", not as_json)
     try:
         r = m.build(spec, path, workers=workers, version=version, progress=bar.arg(),
-                    distributed=distributed, key=key)
+                    distributed=distributed, key=key, errors="skip" if skip_errors else "raise")
     finally:
         bar.close()
     if r.rank == 0:
@@ -320,11 +340,19 @@ def build_cmd(spec: str, path: str, workers: int, version: str | None, key: str 
             _json(r, items_per_s=r.items_per_s)
         else:
             how = f"{r.workers} worker(s)" + (f" on each of {r.ranks} ranks" if r.ranks > 1 else "")
+            if 0 <= r.written < r.computed:
+                how += (f"; {r.computed - r.written:,} of the computed samples were written first by "
+                        "another build of this cache running at the same time")
             click.echo(f"{'interrupted' if r.interrupted else 'built'} {r.path}: computed {r.computed:,}, "
                        f"already cached {r.already_cached:,}, of {r.total:,}\n"
                        f"{r.seconds:.2f} s, {r.items_per_s:,.0f} items/s with {how}")
+            if r.failed:
+                click.echo(f"the source raised for {len(r.failed):,} indices (not stored; a later build "
+                           f"tries them again): {_list(r.failed)}\nfirst error: {r.first_error}")
     if r.interrupted:
         sys.exit(130)
+    if r.failed:
+        sys.exit(EXIT_PROBLEMS)
 
 
 @cli.command("merge")
@@ -353,8 +381,10 @@ def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
 @click.argument("src", type=click.Path())
 @click.argument("dest", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace an existing cache at DEST (atomically).")
+@click.option("--partial", is_flag=True, help="Publish even if SRC lacks samples of its source (refused "
+              "otherwise: every reader would compute them).")
 @_reporting
-def publish_cmd(src: str, dest: str, force: bool, as_json: bool) -> None:
+def publish_cmd(src: str, dest: str, force: bool, partial: bool, as_json: bool) -> None:
     """Publish the cache SRC as an immutable, compacted, verified copy at DEST.
 
     For shared or network storage: readers open DEST read-only without any lock, from
@@ -362,12 +392,13 @@ def publish_cmd(src: str, dest: str, force: bool, as_json: bool) -> None:
     """
     bar = _Bar("publish", not as_json)
     try:
-        r = m.publish(src, dest, force=force, progress=bar.arg())
+        r = m.publish(src, dest, force=force, progress=bar.arg(), partial=partial)
     finally:
         bar.close()
     if as_json:
         return _json(r)
-    click.echo(f"published {r.src} -> {r.dest}: {r.entries:,} records verified\n"
+    click.echo(f"published {r.src} -> {r.dest}: {r.entries:,} records verified"
+               + (f" ({r.missing:,} samples of the source missing: --partial)" if r.missing else "") + "\n"
                f"size: {_size(r.bytes)} (source data.mdb {_size(r.src_bytes)})\n"
                + (f"replaced the previous cache ({r.exchange})\n" if r.replaced else "")
                + f"{r.seconds:.2f} s")
@@ -463,8 +494,17 @@ def get_cmd(path: str, index: int | None, key: str | None, key_hex: str | None, 
     click.echo("\n".join(lines))
 
 
+def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    text = " ".join(str(message).split())
+    click.echo(f"kvcache: warning: {text.removeprefix('kvcache: ')}", err=True)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``kvcache`` console script and ``python -m kvcache``."""
+    import warnings
+
+    warnings.showwarning = _warning_line  # one line each, like errors (this process is ours)
     return cli.main(args=argv, prog_name="kvcache")
 
 

@@ -376,7 +376,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         return self._writer.flush()
 
     def build(self, progress: Any = False, *, num_workers: int = 0, distributed: bool = False,
-              start_method: str | None = None, source_factory: Any = None) -> BuildReport:
+              start_method: str | None = None, source_factory: Any = None,
+              errors: str = "raise") -> BuildReport:
         """Compute and store every index that is not cached yet (resumable).
 
         Workers compute and encode samples; this process alone writes them, one
@@ -397,21 +398,30 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
                 pickled to each worker once).
             source_factory: a picklable callable that returns the source, called once in
                 each worker instead of pickling the source.
+            errors: what an exception from the source does: ``"raise"`` stops the build
+                with a :class:`SourceError` naming the index (what was committed stays);
+                ``"skip"`` stores every other sample and lists the failing indices in
+                the report's ``failed`` (a later build tries them again). Not with
+                ``distributed=True``.
 
         Returns:
-            a :class:`BuildReport` (``items_per_s``).
+            a :class:`BuildReport` (``items_per_s``, ``failed``).
 
         Raises:
             MissingSampleError: no source. CacheReadOnlyError: the cache cannot be
             written. BuildError: a worker or rank died (committed batches are kept).
+            SourceError: the source raised (``errors="raise"``).
             KeyboardInterrupt: after Ctrl-C, once what was computed is written.
         """
+        if distributed and errors != "raise":
+            raise ValueError("errors='skip' is not supported with distributed=True")
         if distributed:
             from .distributed import build as run  # torch.distributed: only when asked
         else:
             run = builder.build
+        kw = {} if distributed else {"errors": errors}
         rep = run(self.build_job(), num_workers=num_workers, progress=progress,
-                  start_method=start_method, source_factory=source_factory)
+                  start_method=start_method, source_factory=source_factory, **kw)
         if rep.interrupted:
             raise KeyboardInterrupt
         return rep

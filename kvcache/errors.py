@@ -103,6 +103,19 @@ class BuildError(KvCacheError, RuntimeError):
     group). Every batch committed before is kept; running the build again resumes it."""
 
 
+class PartialCacheError(KvCacheError, ValueError):
+    """``publish`` of a cache that does not hold every index of its source: the message
+    says how many are missing and which; ``kvcache build`` fills them, ``--partial``
+    (``partial=True``) publishes it as it is."""
+
+
+class SourceError(KvCacheError, RuntimeError):
+    """The source raised while a build computed an index. The message names the index
+    and the source's own error (its ``__cause__`` in the building process); every batch
+    committed before is kept. ``build(errors="skip")`` / ``kvcache build --skip-errors``
+    store every other sample and list the failing indices instead."""
+
+
 class SampleTooLargeError(KvCacheError, ValueError):
     """A sample's record exceeds the configured size cap; it is served uncached."""
 

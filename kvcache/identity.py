@@ -65,7 +65,8 @@ def check_identity(path: str, persist_stamp: bool = True) -> dict[str, Any]:
     Raises:
         NotACacheError, IncompatibleCacheError, CacheCorruptError.
     """
-    ours = os.path.exists(os.path.join(path, LOCK_NAME))
+    # kvcache.lock (a local cache) or the publish record (a published one, which has no lock)
+    ours = any(os.path.exists(os.path.join(path, n)) for n in (LOCK_NAME, RECORD_NAME))
     # Before LMDB reads a page: a damaged page reference can kill the process (SIGBUS,
     # SIGSEGV, SIGABRT) inside LMDB. Walked once per version of the file (kvcache.structure).
     walked = validated(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["BuildReport", "CacheStats"]
 
@@ -31,7 +31,7 @@ class BuildReport:
     """What a build did (``LmdbCachedDataset.build``, ``kvcache build``)."""
 
     total: int  # the source's length
-    computed: int  # records computed and written by this run
+    computed: int  # samples computed (and encoded) by this run
     already_cached: int  # indices skipped because they were cached before this run
     seconds: float
     path: str = ""
@@ -40,6 +40,10 @@ class BuildReport:
     rank: int = 0  # this process's rank (the report is the whole job's on every rank)
     interrupted: bool = False  # stopped by Ctrl-C; every committed batch is kept, run again
     too_large: int = 0  # samples over max_sample_bytes, not cached
+    written: int = -1  # records this run committed (fewer than computed when a concurrent
+    # build wrote the same indices first: the first writer wins); -1: not counted apart
+    failed: list[int] = field(default_factory=list)  # errors="skip": indices whose source raised
+    first_error: str = ""  # the first of those errors ("TypeName: message")
 
     @property
     def items_per_s(self) -> float:

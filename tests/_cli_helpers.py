@@ -14,6 +14,10 @@ PATTERN = b"KVCLITEST"  # marks every sample's payload, so tests can find record
 class Squares(torch.utils.data.Dataset):
     """``{'image': uint8[3,8,8], 'label': int, 'tag': bytes}``; deterministic per index."""
 
+    # delay does not change a sample; offset stands for the contents of the files a real
+    # source reads, which its fingerprint does not see (what a spot check is for)
+    kvcache_fingerprint_exclude = ("delay", "offset")
+
     def __init__(self, n: int = 200, delay: float = 0.0, offset: int = 0) -> None:
         self.n, self.delay, self.offset = n, delay, offset
 

@@ -152,8 +152,10 @@ def test_sigterm_to_the_main_process_keeps_what_it_computed(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if os.path.exists(path + ".calls") and "ready" in open(path + ".calls").read():
-            break
+        if os.path.exists(path + ".calls"):
+            with open(path + ".calls") as f:
+                if "ready" in f.read():
+                    break
         time.sleep(0.05)
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)  # as a scheduler would

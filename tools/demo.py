@@ -98,15 +98,24 @@ def main() -> None:
     print(f"  epoch 2+ (from the cache):    {t2:6.2f} s  {n / t2:10,.0f} items/s"
           f"   -> {t_src / t2:.1f}x faster than the source")
 
-    del loader  # stops the persistent workers (each flushes its last write batch first)
+    del loader  # stops the persistent workers (each has committed its samples already)
     ds.close()
+    # what the next run does: a new dataset object over the same source and path
+    again = LmdbCachedDataset(SyntheticImages(args.n), path)
+    loader = make_loader(again, args.batch_size, args.workers)
+    t3, n3 = run_epoch(loader)
+    del loader
+    again.close()
+    print(f"  next run, its epoch 1:        {t3:6.2f} s  {n3 / t3:10,.0f} items/s"
+          f"   -> {t_src / t3:.1f}x (the cache is reused across runs)")
     with open_cache(path) as view:
         info = view.info()
+    kept = bool(args.cache or args.keep)
     print(f"  cache: {path}: {info.entries:,} samples, {info.total_bytes / 2**20:.1f} MiB of records, "
-          f"{info.file_bytes / 2**20:.1f} MiB file; every later run reads it too")
-    if not args.cache and not args.keep:
+          f"{info.file_bytes / 2**20:.1f} MiB file; "
+          + ("kept for later runs" if kept else "deleted now (a temporary directory: --keep or --cache DIR keeps it)"))
+    if not kept:
         shutil.rmtree(os.path.dirname(path))
-
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,9 @@ N = int(os.environ.get("KVDEMO_N", "2000"))
 class Demo(torch.utils.data.Dataset):
     """CIFAR-like samples: ``{'image': uint8[3,32,32], 'label': int}``, ~1 ms each."""
 
+    # seed stands for the contents of the image files, which the fingerprint does not see
+    kvcache_fingerprint_exclude = ("seed",)
+
     def __init__(self, n: int = N, seed: int = 0) -> None:
         self.n, self.seed = n, seed
 
@@ -49,6 +52,19 @@ class Demo(torch.utils.data.Dataset):
 
 def demo() -> Demo:
     return Demo()
+
+
+class Flaky(Demo):
+    """Two of the "image files" are truncated: the source raises for them."""
+
+    def __getitem__(self, i: int) -> dict:
+        if i in (13, 1207 % self.n):
+            raise OSError(f"image {i}.jpg: truncated file")
+        return super().__getitem__(i)
+
+
+def flaky() -> Demo:
+    return Flaky()
 
 
 def changed() -> Demo:
@@ -99,8 +115,10 @@ def main() -> None:
         run("--help")
         h("build", """
             `kvcache build SPEC PATH [--workers N] [--version V]` fills every missing index.
-            SPEC is `module:callable` or `path/to/file.py:callable` returning the source
-            dataset. Workers compute and encode samples; one writer (the command itself)
+            SPEC is `module:callable` (looked up from the current directory, as `python -m`
+            does) or `path/to/file.py:callable` (imported under the module name a training
+            script importing it gets: `myds.py` is module `myds`), returning the source
+            dataset, so the cache built is the one training with that source uses. Workers compute and encode samples; one writer (the command itself)
             commits them in batches, so Ctrl-C (exit 130) keeps every written batch and a
             second run resumes. A progress bar with items/s and ETA is drawn on a terminal.
             `--distributed` shares the work among the ranks of a `torchrun` job
@@ -113,6 +131,11 @@ def main() -> None:
                         "2 workers gain only as far as a core is free; `tools/bench_build.py` "
                         "measures the ratios.)")
         run("build", SPEC, "cache", note="Run again, it has nothing left to do:")
+        run("build", SPEC.replace(":demo", ":flaky"), "flaky", note="A source that raises for an index "
+            "stops the build with one line naming it (what was computed is kept):")
+        run("build", SPEC.replace(":demo", ":flaky"), "flaky", "--skip-errors", note="`--skip-errors` "
+            "stores every other sample and lists the indices whose source raised (exit 1); a later "
+            "build tries them again:")
         h("inspect", """
             `kvcache inspect PATH [--json]` reads the info rows only: counts, sizes and layouts
             come from the tally of metadata rows that every writer keeps in the cache (one
@@ -171,11 +194,14 @@ def main() -> None:
         run("merge", "merged", "cache", note="Caches of a different source are refused, "
             "naming what differs:")
         h("publish", """
-            `kvcache publish SRC DEST [--force] [--json]` makes an immutable copy of a cache
+            `kvcache publish SRC DEST [--force] [--partial] [--json]` makes an immutable copy of a cache
             for shared or network storage: compacted, verified record by record, marked
             published, fsynced, and renamed into place (DEST appears complete or not at all).
             Readers open it read-only without any lock file, from any number of hosts
             (docs/network.md). An existing DEST is replaced only with `--force`, atomically.""")
+        run("publish", "half-a", "shared/half", note="A cache lacking samples of its source is "
+            "refused (a published cache is immutable: every reader would compute them); "
+            "`--partial` publishes it anyway:")
         run("publish", "cache", "shared/cache")
         run("inspect", "shared/cache", note="Inspect says it is published (and on which filesystem):")
         run("publish", "cache", "shared/cache", note="Publishing over an existing cache needs `--force`:")
@@ -245,9 +271,12 @@ def _write(out: str, sections: list[str]) -> None:
         `python -m kvcache` is the same command.
 
         Exit codes: **0** ok; **1** problems found (bad records, a busy or damaged cache,
-        any other kvcache error); **2** usage error, or a path that is not a cache (or a
-        cache of another format); **130** a build stopped by Ctrl-C (run it again to
-        resume). Errors are one line on stderr, never a traceback.
+        a source that raised, a permission or other OS error, any other error); **2** usage
+        error, or a path that is not a cache (or a cache of another format, a publish
+        destination that exists without `--force`, a partial cache without `--partial`);
+        **130** a build stopped by Ctrl-C (run it again to resume). Errors are one line on
+        stderr, never a traceback (`KVCACHE_DEBUG=1` shows the traceback of an unexpected
+        one); warnings are one line each (`kvcache: warning: ...`).
         Every reporting command takes `--json`. Progress bars appear only on a terminal,
         never with `--json`.
         """)

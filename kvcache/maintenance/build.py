@@ -24,7 +24,7 @@ __all__ = ["BuildReport", "build"]
 
 def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str | int | None = None,
           progress: Any = False, distributed: bool = False, start_method: str | None = None,
-          key: str | None = None) -> BuildReport:
+          key: str | None = None, errors: str = "raise") -> BuildReport:
     """Compute and store every index of the source that the cache does not hold yet.
 
     ``spec`` (``module:callable`` or ``path/to/file.py:callable``) returns the source
@@ -43,6 +43,9 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
         key: build a keyed cache (``key=``): the key function is the source's attribute
             of that name (e.g. ``"key"`` for ``source.key``) or a ``module:callable``
             returning it (:func:`kvcache.maintenance.load_key`).
+        errors: ``"raise"`` (a source error stops the build, naming the index) or
+            ``"skip"`` (store every other sample; the report lists ``failed`` indices,
+            which a later build tries again). Not with ``distributed``.
 
     Returns:
         a report with ``items_per_s``; ``interrupted`` is True after Ctrl-C.
@@ -50,10 +53,13 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
     Raises:
         ValueError: a bad spec. NotACacheError, StaleCacheError, ...: as for opening
         an LmdbCachedDataset on ``path``. BuildError: a worker or rank died.
+        SourceError: the source raised for an index (``errors="raise"``).
     """
     from ..builder import BuildJob, build as run  # torch lives behind it; keep maintenance light
     from ..dataset import LmdbCachedDataset
 
+    if distributed and errors != "raise":
+        raise ValueError("--skip-errors is not supported with --distributed")
     source = load_spec(spec)
     keyfn = None if key is None else load_key(key, source)
     factory = functools.partial(load_spec, spec)
@@ -62,7 +68,7 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
     with contextlib.ExitStack() as opened:
         if not distributed:
             ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn))
-            return run(ds.build_job(), **kw)
+            return run(ds.build_job(), errors=errors, **kw)
         from ..distributed import build_source
 
         def open_target() -> Target:  # rank 0 alone opens (and creates) the cache

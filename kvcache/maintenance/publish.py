@@ -34,8 +34,9 @@ from typing import Any
 
 import lmdb
 
-from ..env import LOCK_NAME, classify, opened_here, read_identity
-from ..errors import CacheCorruptError, CacheExistsError
+from .. import catalog
+from ..env import classify, opened_here, read_identity
+from ..errors import CacheCorruptError, CacheExistsError, PartialCacheError
 from ..progress import progress_for
 from ..pubrecord import make_record, write_record
 from ..store import Store, translate
@@ -57,6 +58,7 @@ class PublishReport:
     seconds: float
     replaced: bool  # an existing DEST was replaced (--force)
     exchange: str  # how it was put in place: "rename", "exchange" or "aside"
+    missing: int = 0  # indices of the source not in the copy (only with partial=True)
 
 
 def _fsync(path: str) -> None:
@@ -95,20 +97,44 @@ def _replaceable(dest: str) -> bool:
     return True
 
 
+def _missing(store: Store) -> tuple[int, int, list[int]]:
+    """``(cached, length, first missing indices)`` for the current source of ``store``
+    (length -1: unknown). O(1) for a complete cache (its tally); a cursor pass otherwise."""
+    cur = catalog.current(store)
+    if cur is None:
+        return 0, -1, []
+    length = cur.get("length")
+    have = store.count(cur["id"])
+    if length is None or have >= length:
+        return have, -1 if length is None else length, []
+    held = set(store.indices_of(cur["id"]))
+    first = []
+    for i in range(length):
+        if i not in held:
+            first.append(i)
+            if len(first) == 10:
+                break
+    return len(held), length, first
+
+
 def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = False,
-            progress: Any = False) -> PublishReport:
+            progress: Any = False, partial: bool = False) -> PublishReport:
     """Publish the cache at ``src`` as an immutable cache at ``dest`` (usually on shared
     storage), compacted and verified record by record.
 
     Args:
         force: replace an existing cache at ``dest`` (atomically); without it an
             existing, non-empty ``dest`` is refused.
+        partial: publish a cache that lacks some indices of its source (or holds no
+            sample at all); without it such a cache is refused, since a published cache
+            is immutable and every reader would compute the missing samples again.
         progress: True for a progress line on stderr, or a callable ``(done, total)``
             (it follows the verification of the copy, record by record).
 
     Raises:
         NotACacheError: ``src`` is not a cache, or ``dest`` holds something that is not one.
         CacheExistsError: ``dest`` exists and ``force`` is False.
+        PartialCacheError: ``src`` lacks indices of its source and ``partial`` is False.
         CacheCorruptError: the copy does not verify (nothing is published; run
             ``kvcache verify SRC``).
         CacheWriteError: writing next to ``dest`` failed (disk full, permissions).
@@ -122,6 +148,17 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
     if replacing and not force:
         raise CacheExistsError(f"{dest} already holds a cache; `kvcache publish --force` replaces it "
                                "atomically (readers that have it open keep the old one until they reopen)")
+    with Store(src, readonly=True, create=False) as store:
+        have, length, first = _missing(store)
+    lacking = length - have if length >= 0 else 0
+    if not partial and (lacking > 0 or have == 0):
+        what = (f"holds {have:,} of the {length:,} samples of its source (missing {lacking:,}: "
+                f"indices {', '.join(map(str, first))}{', ...' if lacking > len(first) else ''})"
+                if lacking > 0 else "holds no sample")
+        raise PartialCacheError(
+            f"publish {src}: the cache {what}; a published cache is immutable, so every reader "
+            "would compute them: fill it first (`kvcache build SPEC SRC`), or publish it as it "
+            "is with --partial")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = sibling_dir(dest, "publish")
     try:
@@ -157,13 +194,11 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
                                     f"published; run `kvcache verify {src}`")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tmp, "lock.mdb"))  # no reader table: readers open lock-free
-        # kvcache.lock marks the directory as kvcache's (classify, read_identity); no
-        # reader of a published cache opens it
-        with open(os.path.join(tmp, LOCK_NAME), "w"):
-            pass
+        # data.mdb and the publish record (kvcache.published), nothing else (docs/network.md
+        # lists them): no kvcache.lock, since no reader of a published cache opens a lock
         # validated above (the scan walks the structure too): record exactly this version
         write_record(tmp, make_record(tmp, fmt, published))
-        for name in ("data.mdb", LOCK_NAME):
+        for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o444)
             _fsync(os.path.join(tmp, name))
         os.chmod(tmp, 0o755)  # mkdtemp made it 0700: readers on other accounts need it
@@ -185,4 +220,4 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PublishReport(src, dest, entries, size, os.path.getsize(os.path.join(src, "data.mdb")),
-                         time.perf_counter() - t0, replacing, how)
+                         time.perf_counter() - t0, replacing, how, lacking)

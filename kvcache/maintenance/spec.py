@@ -56,9 +56,12 @@ def load_spec(spec: str) -> Any:
             raise ValueError(f"source spec {spec!r}: no file {target}")
         root, modname = module_for_file(target)
         _front(root)
+        old = sys.modules.get(modname)
+        if old is not None and not _same(getattr(old, "__file__", None), target):
+            del sys.modules[modname]  # another file of that name, loaded earlier in this process
         mod = _import(spec, modname)
         got = getattr(mod, "__file__", None)
-        if got is None or not os.path.samefile(got, target):
+        if not _same(got, target):
             raise ValueError(
                 f"source spec {spec!r}: module {modname!r} is {got}, not {os.path.abspath(target)} "
                 f"(another module of that name comes first); rename one of them")
@@ -87,6 +90,13 @@ def load_key(key: str, source: Any) -> Any:
         raise ValueError(f"key {key!r}: neither a callable attribute of the source "
                          f"({type(source).__qualname__}) nor a module:callable returning a key function")
     return fn
+
+
+def _same(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _import(spec: str, modname: str) -> Any:
