@@ -28,7 +28,8 @@ print(json.dumps({"pids": [int(r[0]) for r in rows]}))
 def test_f02_killed_worker(tmp_path):
     path = str(tmp_path / "c")
     build(path, n=200, size=1024)
-    ds = kvcache.LmdbCachedDataset(KillAt(400, at=300, size=1024), path)
+    with pytest.warns(kvcache.KvCacheWarning, match="the source changed"):  # another class: its own fingerprint
+        ds = kvcache.LmdbCachedDataset(KillAt(400, at=300, size=1024), path)
     dl = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
                                      multiprocessing_context="fork", timeout=60)
     # DataLoader's own error, whose form depends on timing: "exited unexpectedly", "killed
@@ -59,7 +60,8 @@ def test_f02_killed_worker(tmp_path):
         assert "timed out" not in str(exc), exc
     del it
     ds.close()
-    ds2 = kvcache.LmdbCachedDataset(ArraySource(400, 1024), path)  # opening runs reader_check
+    with pytest.warns(kvcache.KvCacheWarning, match="the source changed"):
+        ds2 = kvcache.LmdbCachedDataset(ArraySource(400, 1024), path)  # opening runs reader_check
     assert same(ds2[5], sample_for(5, 1024))
     pids = check_child(run_child(READERS, path))["pids"]
     import os
@@ -67,9 +69,10 @@ def test_f02_killed_worker(tmp_path):
     assert all(os.path.exists(f"/proc/{p}") for p in pids), pids  # no dead pid holds a slot
     ds2.close()
     size0 = kvcache.open_cache(path).info().file_bytes
-    for v in range(20):
-        with kvcache.LmdbCachedDataset(ArraySource(200, 1024), path, version=v) as d:
-            d.build()
+    with pytest.warns(kvcache.KvCacheWarning, match="the source changed"):  # the first: shorter; later ones change version= alone (no warning)
+        for v in range(20):
+            with kvcache.LmdbCachedDataset(ArraySource(200, 1024), path, version=v) as d:
+                d.build()
     assert kvcache.open_cache(path).info().file_bytes < 2 * size0 + (2 << 20)
 
 

@@ -47,7 +47,8 @@ def test_f08_reopen_with_smaller_map(tmp_path):
     with kvcache.LmdbCachedDataset(ArraySource(1300, 16384), path) as ds:
         ds.build()  # ~21 MiB
     size = os.path.getsize(os.path.join(path, "data.mdb"))
-    with kvcache.LmdbCachedDataset(ArraySource(1400, 16384), path, version=2, map_size=1 << 20) as ds:
+    with pytest.warns(kvcache.KvCacheWarning, match="the source changed"), \
+            kvcache.LmdbCachedDataset(ArraySource(1400, 16384), path, version=2, map_size=1 << 20) as ds:
         for i in range(1400):
             ds[i]
     assert ds.stats().write_errors == 0 and ds.stats().writes == 1400

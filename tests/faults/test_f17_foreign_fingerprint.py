@@ -7,7 +7,7 @@ import kvcache
 
 
 def test_f17_other_source_gets_its_own_samples(cache):
-    with kvcache.LmdbCachedDataset(ShiftedSource(100), cache) as ds:
+    with pytest.warns(kvcache.KvCacheWarning, match="the source changed"), kvcache.LmdbCachedDataset(ShiftedSource(100), cache) as ds:
         for i in range(0, 100, 7):
             a, j = ds[i]
             assert j == i and (a == sample_for(i)[0] + 1000.0).all()
@@ -25,12 +25,14 @@ def test_f17_process_opened_before_the_change(cache):
     h = Holder(cache)
     try:
         h.ok("ds = kvcache.LmdbCachedDataset(ArraySource(100), path); ds[1]")
-        with kvcache.LmdbCachedDataset(ShiftedSource(100), cache) as ds:  # becomes current
+        with pytest.warns(kvcache.KvCacheWarning, match="the source changed"), \
+                kvcache.LmdbCachedDataset(ShiftedSource(100), cache) as ds:  # becomes current
             ds.build()
         # the old process still gets its own source's samples, never B's rows
         assert h.ok("res = all(same(ds[i], sample_for(i)) for i in range(100))") is True
         h.ok("ds.close()")
     finally:
         h.close()
+    # the old process wrote its samples back: nothing to recompute, so no warning
     with kvcache.LmdbCachedDataset(ArraySource(100), cache) as ds:
         assert all(same(ds[i], sample_for(i)) for i in range(100))
