@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from kvcache import CorruptRecordError, LmdbCachedDataset, MissingSampleError, open_cache
+from kvcache import CorruptRecordError, KvCacheWarning, LmdbCachedDataset, MissingSampleError, open_cache
 from kvcache.codec import read_header
 
 from helpers import ImageSource, same
@@ -66,7 +66,8 @@ def test_record_is_the_raw_bytes_and_corruption_is_not_a_missing_key(path):
 
 
 def test_records_of_another_source_are_not_in_the_view(path):
-    with LmdbCachedDataset(ImageSource(12, salt=1), path, version=2) as ds:
+    with pytest.warns(KvCacheWarning, match="cached samples of the previous source"), \
+            LmdbCachedDataset(ImageSource(12, salt=1), path, version=2) as ds:
         ds[9]
     with open_cache(path) as v:  # the current fingerprint wrote only 9
         assert list(v) == [9] and len(v) == 1 and 3 not in v and v.get(3) is None
