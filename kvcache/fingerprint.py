@@ -20,8 +20,9 @@ By default a fingerprint is made of:
 * ``version``: the user's ``version=`` salt.
 
 A keyed source (``key=``) leaves the length out (appending or removing items keeps the
-cache: each record is found by its key), and its ``state`` covers only attributes of at
-most ``KEYED_MAX_LEN`` values (a shape, a root; not the list of items) and adds ``"keyed": True``, so a cache filled by
+cache: each record is found by its key), its ``state`` leaves out attributes holding a list
+or a dict (the items and what is known about them: they change when items are added; a
+shape or mean as a tuple, a root, a size stay covered), and it adds ``"keyed": True``, so a cache filled by
 index and one filled by key never share a fingerprint.
 
 ``fingerprint=`` replaces all of that with the user's own string. The parts are stored
@@ -46,10 +47,9 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["KEYED_MAX_LEN", "MAX_ITEMS", "compute_parts", "diff_parts", "digest", "state_hash"]
+__all__ = ["MAX_ITEMS", "compute_parts", "diff_parts", "digest", "state_hash"]
 
 MAX_ITEMS = 100_000  # values walked one by one per attribute (flat columns have no limit)
-KEYED_MAX_LEN = 64  # a keyed source's state: containers up to this long (not its item list)
 _SCALARS = (int, float, bool, type(None), str, bytes)
 _CLASS_HASH: "weakref.WeakKeyDictionary[type, str | None]" = weakref.WeakKeyDictionary()
 
@@ -78,9 +78,7 @@ class _Unhashable(Exception):
 
 def _column(h: Any, xs: list, budget: list[int]) -> None:
     """Hash a list of values; flat lists of one plain type go at C speed. ``budget``:
-    ``[values left to walk one by one, the longest container allowed (0: any)]``."""
-    if budget[1] and len(xs) > budget[1]:
-        raise _Unhashable
+    ``[values left to walk one by one]``."""
     kinds = set(map(type, xs))
     h.update(b"L%d:" % len(xs))
     if len(kinds) == 1:
@@ -142,10 +140,10 @@ def _value(h: Any, x: Any, budget: list[int]) -> None:
         raise _Unhashable
 
 
-def state_hash(source: Any, max_len: int | None = None) -> tuple[str | None, list[str]]:
+def state_hash(source: Any, keyed: bool = False) -> tuple[str | None, list[str]]:
     """``(hash, left_out)``: a hash of ``source``'s plain-data attributes (None when it
-    has none) and the names of the attributes left out (sorted); ``max_len`` leaves out
-    attributes holding a container longer than that."""
+    has none) and the names of the attributes left out (sorted); ``keyed`` leaves out
+    attributes holding a list or a dict."""
     try:
         attrs = vars(source)
     except TypeError:
@@ -154,12 +152,12 @@ def state_hash(source: Any, max_len: int | None = None) -> tuple[str | None, lis
     h = xxhash.xxh3_128()
     left_out, covered = [], 0
     for name in sorted(attrs):
-        if name in exclude:
+        if name in exclude or (keyed and type(attrs[name]) in (list, dict)):
             left_out.append(name)
             continue
         one = xxhash.xxh3_128()
         try:
-            _value(one, attrs[name], [MAX_ITEMS, max_len or 0])
+            _value(one, attrs[name], [MAX_ITEMS])
         except (_Unhashable, RecursionError):
             left_out.append(name)
             continue
@@ -183,7 +181,7 @@ def compute_parts(source: Any, version: str | int | None, fingerprint: str | Non
             parts["length"] = len(source)
         except TypeError:
             parts["length"] = None
-    state, left_out = state_hash(source, KEYED_MAX_LEN if keyed else None)
+    state, left_out = state_hash(source, keyed)
     parts["source_hash"] = _class_source_hash(cls)
     parts["state"] = state
     parts["version"] = None if version is None else str(version)
