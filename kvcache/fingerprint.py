@@ -21,8 +21,9 @@ By default a fingerprint is made of:
 
 A keyed source (``key=``) leaves the length out (appending or removing items keeps the
 cache: each record is found by its key), its ``state`` leaves out attributes holding a list
-or a dict (the items and what is known about them: they change when items are added; a
-shape or mean as a tuple, a root, a size stay covered), and it adds ``"keyed": True``, so a cache filled by
+or a dict (the items and what is known about them: they change when items are added) and
+an int equal to its length (a count of items); a shape or mean as a tuple, a root, a size
+stay covered, and it adds ``"keyed": True``, so a cache filled by
 index and one filled by key never share a fingerprint.
 
 ``fingerprint=`` replaces all of that with the user's own string. The parts are stored
@@ -143,16 +144,22 @@ def _value(h: Any, x: Any, budget: list[int]) -> None:
 def state_hash(source: Any, keyed: bool = False) -> tuple[str | None, list[str]]:
     """``(hash, left_out)``: a hash of ``source``'s plain-data attributes (None when it
     has none) and the names of the attributes left out (sorted); ``keyed`` leaves out
-    attributes holding a list or a dict."""
+    attributes holding a list or a dict, or an int equal to ``len(source)``."""
     try:
         attrs = vars(source)
     except TypeError:
         return None, []
     exclude = set(getattr(type(source), "kvcache_fingerprint_exclude", ()) or ())
+    if keyed:  # the items (lists, dicts) and their count are not a keyed source's identity
+        try:
+            n = len(source)
+        except TypeError:
+            n = None
+        exclude |= {k for k, v in attrs.items() if type(v) in (list, dict) or (type(v) is int and v == n)}
     h = xxhash.xxh3_128()
     left_out, covered = [], 0
     for name in sorted(attrs):
-        if name in exclude or (keyed and type(attrs[name]) in (list, dict)):
+        if name in exclude:
             left_out.append(name)
             continue
         one = xxhash.xxh3_128()
