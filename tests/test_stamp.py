@@ -22,7 +22,7 @@ import torch.multiprocessing as tmp
 from _cli_helpers import Squares
 from helpers import BigSource, ImageSource
 
-from kvcache import LmdbCachedDataset, structure
+from kvcache import KvCacheWarning, LmdbCachedDataset, structure
 from kvcache.maintenance import compact, gc, merge, publish, verify
 from kvcache.store import KEY
 
@@ -183,7 +183,8 @@ def test_merge(tmp_path):
 def test_compact(tmp_path):
     path = str(tmp_path / "c")
     _cache(path, n=600, version=1)
-    _cache(path, version=2)  # 200 rows of another fingerprint: gc frees pages, compact gives them back
+    with pytest.warns(KvCacheWarning, match="the source changed"):  # shorter: not version= alone
+        _cache(path, version=2)  # 200 rows of another fingerprint: gc frees pages, compact gives them back
     assert gc(path).removed == 200
     assert stamped_on_disk(path)
     rep = compact(path)
@@ -195,7 +196,8 @@ def test_compact(tmp_path):
 def test_gc(tmp_path):
     path = str(tmp_path / "c")
     _cache(path, n=600, version=1)
-    _cache(path, version=2)  # rewrites 0..399: 400..599 are another fingerprint's
+    with pytest.warns(KvCacheWarning, match="the source changed"):
+        _cache(path, version=2)  # rewrites 0..399: 400..599 are another fingerprint's
     assert gc(path).removed == 200
     assert_opens_without_walking(path, 400)
 

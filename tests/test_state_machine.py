@@ -519,7 +519,7 @@ class CacheMachine(RuleBasedStateMachine):
         with self._step():
             self._model_flush()
             self.ds.flush()
-            res = CliRunner().invoke(cli, ["publish", self.path, dest], catch_exceptions=False)
+            res = CliRunner().invoke(cli, ["publish", "--partial", self.path, dest], catch_exceptions=False)
             assert res.exit_code == 0, res.output
             data = os.path.join(dest, "data.mdb")
             if zero:
