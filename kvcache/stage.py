@@ -33,6 +33,7 @@ from typing import Any
 from .copyfile import NoSpace, copy_file, fsync_dir
 from .errors import CacheCorruptError, KvCacheError, KvCacheWarning, NotACacheError
 from .identity import LOCK_NAME, check_identity
+from .pubrecord import RECORD_NAME
 from .progress import Progress, progress_for
 from .pubrecord import RECORD_NAME, file_digest, publish_record
 from .stagedir import (
@@ -160,8 +161,8 @@ def stage_report(src: str | os.PathLike, local_dir: str | os.PathLike, *, max_by
             touch(local_dir, eid)
             use = flock(os.path.join(local_dir, eid + ".use"), fcntl.LOCK_SH) if hold else None
             return report(False, "reused", dir_bytes(path)), use
-        if not os.path.exists(os.path.join(src, LOCK_NAME)):
-            raise _no_cache(src)
+        if not any(os.path.exists(os.path.join(src, n)) for n in (LOCK_NAME, RECORD_NAME)):
+            raise _no_cache(src)  # a published copy holds data.mdb and its record (no lock file)
         if os.path.exists(os.path.join(src, "lock.mdb")):  # publish removes it; a live cache has one
             raise _not_published(src)
         files = files_of(src)

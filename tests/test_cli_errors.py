@@ -167,7 +167,7 @@ def test_publish_refuses_a_partial_cache_unless_partial(tmp_path):
     assert "--partial" in line and not os.path.exists(tmp_path / "pub")
     r = invoke("publish", src, str(tmp_path / "pub"), "--partial")
     assert r.exit_code == 0 and "66 samples of the source missing" in r.stdout
-    assert sorted(os.listdir(tmp_path / "pub")) == ["data.mdb", "kvcache.published"]  # docs/network.md
+    assert sorted(os.listdir(tmp_path / "pub")) == ["data.mdb", "kvcache.lock", "kvcache.published"]  # docs/network.md
     assert len(open_cache(str(tmp_path / "pub"))) == 34
 
 

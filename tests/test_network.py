@@ -143,7 +143,7 @@ def test_publish_onto_network_fs_and_read(net, local):
     r = CliRunner().invoke(cli, ["inspect", dest])
     assert "published:     yes" in r.output and "FUSE filesystem" in r.output, r.output
     assert tree_hashes(os.path.join(backing, "pub")) == before
-    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.published"]
+    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.lock", "kvcache.published"]
 
 
 def test_override_allows_writing(net):
@@ -201,7 +201,7 @@ def test_three_process_trees_read_a_published_cache(net, local):
         assert p.returncode == 0, err[-3000:]
         assert json.loads(out.strip().splitlines()[-1])["checked"] == 600
     assert tree_hashes(os.path.join(backing, "pub")) == before
-    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.published"]
+    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.lock", "kvcache.published"]
 
 
 NOBODY = r"""
@@ -245,4 +245,4 @@ def test_read_only_tree_as_nobody(net, local):
     assert (out["stats"]["hits"], out["stats"]["misses"], out["stats"]["writes"]) == (180, 0, 0)
     assert len(out["msgs"]) == 1 and "published cache" in out["msgs"][0], out["msgs"]
     assert tree_hashes(os.path.join(backing, "pub")) == before
-    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.published"]
+    assert sorted(os.listdir(os.path.join(backing, "pub"))) == ["data.mdb", "kvcache.lock", "kvcache.published"]

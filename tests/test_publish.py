@@ -33,7 +33,7 @@ def test_publish_makes_a_verified_immutable_copy(src, tmp_path):
     dest = str(tmp_path / "shared" / "pub")
     r = kvcache.publish(src, dest, partial=True)
     assert (r.entries, r.replaced, r.exchange) == (150, False, "rename")
-    assert sorted(os.listdir(dest)) == ["data.mdb", "kvcache.published"]  # no lock.mdb
+    assert sorted(os.listdir(dest)) == ["data.mdb", "kvcache.lock", "kvcache.published"]  # no lock.mdb
     assert [n for n in os.listdir(tmp_path / "shared") if n != "pub"] == []  # no temp dir left
     for name in os.listdir(dest):
         assert os.stat(os.path.join(dest, name)).st_mode & 0o777 == 0o444
@@ -90,7 +90,7 @@ def test_maintenance_refuses_to_change_a_published_cache(src, tmp_path):
             fn(dest)
     r = invoke("compact", dest)
     assert r.exit_code == 1 and "publish --force" in r.output
-    assert tree_hashes(dest) == before and sorted(os.listdir(dest)) == ["data.mdb", "kvcache.published"]
+    assert tree_hashes(dest) == before and sorted(os.listdir(dest)) == ["data.mdb", "kvcache.lock", "kvcache.published"]
 
 
 def test_force_replaces_atomically(src, tmp_path):

@@ -35,7 +35,7 @@ from typing import Any
 import lmdb
 
 from .. import catalog
-from ..env import classify, opened_here, read_identity
+from ..env import LOCK_NAME, classify, opened_here, read_identity
 from ..errors import CacheCorruptError, CacheExistsError, PartialCacheError
 from ..progress import progress_for
 from ..pubrecord import make_record, write_record
@@ -194,8 +194,11 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
                                     f"published; run `kvcache verify {src}`")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tmp, "lock.mdb"))  # no reader table: readers open lock-free
-        # data.mdb and the publish record (kvcache.published), nothing else (docs/network.md
-        # lists them): no kvcache.lock, since no reader of a published cache opens a lock
+        # data.mdb, the publish record (kvcache.published) and an empty kvcache.lock (it marks
+        # the directory as kvcache's for classify and staging; no reader of a published cache
+        # opens it): what docs/network.md lists
+        with open(os.path.join(tmp, LOCK_NAME), "w"):
+            pass
         # validated above (the scan walks the structure too): record exactly this version
         write_record(tmp, make_record(tmp, fmt, published))
         for name in os.listdir(tmp):
