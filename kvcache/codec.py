@@ -7,13 +7,23 @@ Python ``int`` / ``float`` / ``bool`` / ``None`` / ``str`` / ``bytes``.
 Record layout (all integers little-endian)::
 
     offset 0   magic   b"KVC" + codec version byte
-           4   flags   u32: 0, or KEYED (1): the checksum is seeded with the record's index
+           4   flags   u32: KEYED (1): the checksum is seeded with the record's index;
+                       PACKED (2, format 2): the payload is compressed (see below)
            8   checksum xxh3_64 of record[16:] (seeded with the index when KEYED)
           16   fp_id   u32, the fingerprint id of the source that wrote the record
           20   layout_len u32
           24   layout  (the sample's structure, leaf types, dtypes and shapes)
                payload (the leaves' values in depth-first order; every array leaf is a
                         complete .npy blob, so ``np.load`` can read it on its own)
+
+A PACKED record holds, after its layout, a segment table and the segments of its
+payload (:mod:`kvcache.compression`): each array leaf's data compressed on its own
+(zstd or lz4), npy headers and scalars stored as they are. Its checksum covers the
+stored (compressed) bytes and is always checked before anything is decompressed; the
+decompressed payload is what an uncompressed record holds, decoded by the same plan.
+An array leaf of a PACKED record needs its codec to be read; records written without
+compression (and every record of a format-1 cache) keep every array leaf a complete
+``.npy`` blob.
 
 Beside each record, in the ``meta`` database under the same key, is its metadata row:
 ``META_ROW`` (fp_id u32, checksum u64, record bytes u64) followed by the layout. When
@@ -47,25 +57,35 @@ from typing import Any
 
 import xxhash
 
-from .encoder import CODEC_VERSION, KEYED, MAGIC, encode
+from .compression import Compression, MissingCodecError, SegmentError, compression_of
+from .compression import plain_size as _plain_size
+from .compression import segment_codecs as _segment_codecs
+from .compression import unpack as _unpack_segments
+from .encoder import CODEC_VERSION, KEYED, MAGIC, PACKED, encode
 from .errors import CorruptRecordError
-from .layout import LayoutError, LeafInfo, describe
+from .layout import LayoutError, LeafInfo, describe, parse
 from .plans import PLANS, plan_for
 
 __all__ = [
     "CODEC_VERSION",
+    "Compression",
     "HEADER",
     "HEADER_SIZE",
     "HEAD_KEYED",
+    "HEAD_KEYED_PACKED",
     "HEAD_PLAIN",
+    "HEAD_PLAIN_PACKED",
     "KEYED",
     "KEY_FOLLOWS",
     "LeafInfo",
     "META_ROW",
+    "MissingCodecError",
+    "PACKED",
     "PLANS",
     "StaleRecord",
     "checksum",
     "checksum_ok",
+    "compression_of",
     "decode",
     "describe_layout",
     "encode",
@@ -76,8 +96,11 @@ __all__ = [
     "meta_layout",
     "meta_row",
     "meta_row_of",
+    "plain_record",
     "read_header",
+    "record_codecs",
     "record_layout",
+    "record_sizes",
     "seed_of",
     "unpack_head",
     "with_fp",
@@ -99,7 +122,10 @@ checksum = xxhash.xxh3_64_intdigest  # checksum(record[16:], seed): seed = index
 unpack_head = struct.Struct("<QQII").unpack_from  # (magic+flags as one int, checksum, fp_id, layout_len)
 HEAD_PLAIN = int.from_bytes(MAGIC + bytes(4), "little")  # magic, flags 0
 HEAD_KEYED = int.from_bytes(MAGIC + KEYED.to_bytes(4, "little"), "little")  # magic, flags KEYED
+HEAD_PLAIN_PACKED = int.from_bytes(MAGIC + PACKED.to_bytes(4, "little"), "little")
+HEAD_KEYED_PACKED = int.from_bytes(MAGIC + (KEYED | PACKED).to_bytes(4, "little"), "little")
 _checksum, _unpack_head, _HEAD, _HEAD_KEYED, _plans = checksum, unpack_head, HEAD_PLAIN, HEAD_KEYED, PLANS
+_FLAGS = (0, KEYED, PACKED, KEYED | PACKED)
 
 
 # --------------------------------------------------------------------------- metadata rows
@@ -169,15 +195,17 @@ def meta_layout(row: Any) -> bytes:
     return bytes(row[_key_end(row):])
 
 
-def encode_with_meta(sample: Any, fp_id: int, index: int, *, key: bytes | None = None) -> tuple[bytes, bytes]:
+def encode_with_meta(sample: Any, fp_id: int, index: int, compression: Compression | None = None, *,
+                     key: bytes | None = None) -> tuple[bytes, bytes]:
     """``(record, metadata row)`` of ``sample`` stored at ``index`` (a KEYED record):
     ``index`` is the checksum seed (:func:`seed_of` its LMDB key), ``key`` the normalised
-    user key of a keyed cache's record, kept in the metadata row.
+    user key of a keyed cache's record, kept in the metadata row; array leaves are
+    compressed with ``compression`` where they shrink.
 
     Raises:
         UnsupportedSampleError: as :func:`encode`.
     """
-    record, layout, checksum = encode(sample, fp_id, index)
+    record, layout, checksum = encode(sample, fp_id, index, compression)
     return record, meta_row(fp_id, checksum, len(record), layout, key)
 
 
@@ -193,7 +221,7 @@ def read_header(buf: Any) -> tuple[int, int, int]:
     if len(buf) < HEADER_SIZE:
         raise CorruptRecordError(f"record of {len(buf)} bytes is shorter than its header")
     magic, flags, checksum, fp_id, layout_len = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or flags not in (0, KEYED):
+    if magic != MAGIC or flags not in _FLAGS:
         raise CorruptRecordError(f"bad record magic {bytes(magic)!r} or flags {flags:#x}")
     return fp_id, checksum, layout_len
 
@@ -219,9 +247,11 @@ def checksum_ok(buf: Any, index: int | None = None) -> bool:
 
 def with_fp(record: Any, fp_id: int, index: int) -> bytes:
     """``record`` with another fingerprint id in its header and its checksum redone (a
-    record of flags 0 becomes KEYED at ``index``). The caller checked the record first."""
+    record of flags 0 becomes KEYED at ``index``; PACKED stays). The caller checked the
+    record first."""
     buf = bytearray(record)
-    HEADER.pack_into(buf, 0, MAGIC, KEYED, 0, fp_id, HEADER.unpack_from(buf, 0)[4])
+    _magic, flags, _cs, _fp, layout_len = HEADER.unpack_from(buf, 0)
+    HEADER.pack_into(buf, 0, MAGIC, KEYED | (flags & PACKED), 0, fp_id, layout_len)
     struct.pack_into("<Q", buf, 8, _checksum(memoryview(buf)[16:], index))
     return bytes(buf)
 
@@ -258,8 +288,8 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None, index: int |
             seed = index
         elif head == _HEAD:  # magic, and the flags (not checksummed)
             seed = 0
-        else:
-            raise LayoutError("bad record magic or flags")
+        else:  # the one branch uncompressed records pay for compression
+            return _decode_packed(buf, head, checksum, fp, layout_len, verify, fp_id, index)
         if fp_id is not None and fp != fp_id:
             raise StaleRecord(fp)
         body = 24 + layout_len  # past the record: the slice is short, and no plan matches it
@@ -277,10 +307,112 @@ def decode(buf: Any, verify: bool = True, fp_id: int | None = None, index: int |
             if _checksum(buf[16:], seed) != checksum:
                 raise CorruptRecordError("checksum mismatch")
         return value
-    except (CorruptRecordError, StaleRecord):
+    except (CorruptRecordError, StaleRecord, MissingCodecError):
         raise
     except _DECODE_ERRORS as exc:
         raise CorruptRecordError(f"malformed record: {exc}") from None
+
+
+_BOUNDS: dict[bytes, int] = {}  # layout -> the most payload bytes its arrays can take
+
+
+def _array_bound(layout: bytes) -> int:
+    b = _BOUNDS.get(layout)
+    if b is None:
+        b = 0
+        stack = [parse(layout)]
+        while stack:
+            node = stack.pop()
+            kind = node[0]
+            if kind == "array":
+                b += node[4] + node[5]  # npy header + data
+            elif kind in ("tuple", "list"):
+                stack.extend(node[1])
+            elif kind == "dict":
+                stack.extend(node[2])
+        if len(_BOUNDS) >= 4096:
+            _BOUNDS.clear()
+        _BOUNDS[layout] = b
+    return b
+
+
+def _decode_packed(buf: Any, head: int, checksum: int, fp: int, layout_len: int, verify: bool,
+                   fp_id: int | None, index: int | None) -> Any:
+    """decode() of a PACKED record: checksum first (whatever ``verify`` says, whenever the
+    seed is known: it keeps a damaged table from steering a decompressor; only bytes the
+    caller holds already checked, an LRU entry or a pending row, skip it), then the
+    segments (never more bytes than the layout's arrays plus the record), then the plan."""
+    if head != HEAD_PLAIN_PACKED and head != HEAD_KEYED_PACKED:
+        raise LayoutError("bad record magic or flags")
+    if fp_id is not None and fp != fp_id:
+        raise StaleRecord(fp)
+    seed = index if head == HEAD_KEYED_PACKED else 0
+    if seed is None:
+        if verify:
+            raise CorruptRecordError("a keyed record cannot be verified without its index")
+    elif _checksum(buf[16:], seed) != checksum:
+        raise CorruptRecordError("checksum mismatch")
+    body = 24 + layout_len
+    lay = bytes(buf[24:body])
+    if len(lay) != layout_len:
+        raise LayoutError("layout runs past the record")
+    try:
+        payload = _unpack_segments(buf, body, _array_bound(lay) + len(buf))
+    except SegmentError as exc:
+        raise LayoutError(str(exc)) from None
+    plan = _plans.get(lay) or plan_for(lay)
+    return plan(payload, 0)
+
+
+def plain_record(record: Any, index: int) -> bytes:
+    """``record`` (stored at ``index``) as an uncompressed record: the same sample, the
+    flags without PACKED, the checksum redone. An uncompressed record comes back as its
+    bytes. The caller checked the record first.
+
+    Raises:
+        CorruptRecordError: malformed record.
+        MissingCodecError: the record's codec is not installed.
+    """
+    _magic, flags, _cs, fp_id, layout_len = HEADER.unpack_from(read_header(record) and record, 0)
+    if not flags & PACKED:
+        return bytes(record)
+    body = HEADER_SIZE + layout_len
+    lay = bytes(record[HEADER_SIZE:body])
+    try:
+        payload = _unpack_segments(record, body, _array_bound(lay) + len(record))
+    except (SegmentError, LayoutError, struct.error, ValueError) as exc:
+        raise CorruptRecordError(f"malformed record: {exc}") from None
+    buf = bytearray(HEADER.pack(MAGIC, flags & ~PACKED, 0, fp_id, layout_len)) + lay + payload
+    struct.pack_into("<Q", buf, 8, _checksum(memoryview(buf)[16:], index if flags & KEYED else 0))
+    return bytes(buf)
+
+
+def record_sizes(record: Any) -> tuple[int, int]:
+    """``(stored bytes, uncompressed bytes)`` of a record, from its header and segment
+    table alone (both the record's length for an uncompressed one).
+
+    Raises:
+        CorruptRecordError: too short or malformed header.
+    """
+    _fp, _cs, layout_len = read_header(record)
+    if not HEADER.unpack_from(record, 0)[1] & PACKED:
+        return len(record), len(record)
+    body = HEADER_SIZE + layout_len
+    try:
+        return len(record), body + _plain_size(record, body)
+    except struct.error as exc:
+        raise CorruptRecordError(f"malformed segment table: {exc}") from None
+
+
+def record_codecs(record: Any) -> set[str]:
+    """The compression codecs a record's segments use (empty when uncompressed)."""
+    _fp, _cs, layout_len = read_header(record)
+    if not HEADER.unpack_from(record, 0)[1] & PACKED:
+        return set()
+    try:
+        return _segment_codecs(record, HEADER_SIZE + layout_len)
+    except struct.error as exc:
+        raise CorruptRecordError(f"malformed segment table: {exc}") from None
 
 
 def describe_layout(layout: bytes) -> list[LeafInfo]:

@@ -101,6 +101,15 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             reuses it after one ``stat`` of ``path``; a republished ``path`` is copied
             again. While this dataset is open the copy is never evicted. Without space for
             it, a ``KvCacheWarning`` says so and ``path`` is read in place.
+        compression: ``None`` (the default), ``"zstd"`` or ``"lz4"``: compress the array
+            leaves of the records this dataset writes, each leaf on its own (a leaf that
+            does not shrink by 10 % is stored as it is; records already in the cache are
+            read whatever their codec). Needs the extra: ``pip install 'kvcache[zstd]'``
+            or ``'kvcache[lz4]'``. docs/performance.md measures ratio and read cost:
+            worth it for compressible data (token ids, low-entropy images) and on network
+            storage, where bytes are time.
+        compression_level: the codec's level (zstd: -7..22, default 3; lz4: 0 fast,
+            default, or 1..16 high compression).
 
     A *published* cache (``kvcache publish``) and any cache on a network filesystem are
     opened read-only and lock-free (no ``lock.mdb``, no flock, no byte written): many
@@ -118,6 +127,9 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         NotACacheError, IncompatibleCacheError, StaleCacheError, CacheBusyError: at
         construction, for a path that cannot be used. CacheCorruptError: a damaged cache
         and no source.
+        MissingCodecError: ``compression=`` names a codec whose package is not
+            installed (also raised by a read of a record compressed with one).
+        ValueError: an unknown ``compression`` or a level out of range.
     """
 
     def __init__(self, source: Any, path: str | os.PathLike, *, version: str | int | None = None,
@@ -129,7 +141,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
                  allow_network_writes: bool = False,
                  transform: Callable[[Any], Any] | None = None,
                  key: Callable[[int], str | bytes] | None = None,
-                 stage: str | os.PathLike | None = None) -> None:
+                 stage: str | os.PathLike | None = None,
+                 compression: str | None = None, compression_level: int | None = None) -> None:
         if on_stale not in _ON_STALE:
             raise ValueError(f"on_stale must be one of {_ON_STALE}, not {on_stale!r}")
         self._args = dict(
@@ -139,6 +152,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
             max_sample_bytes=max_sample_bytes, write_batch=write_batch, spot_check=spot_check,
             allow_network_writes=allow_network_writes,
             transform=transform, key=key, stage=None if stage is None else os.fspath(stage),
+            compression=compression, compression_level=compression_level,
         )
         self._setup()
         try:
@@ -170,6 +184,7 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         self.max_sample_bytes = a["max_sample_bytes"]
         self._transform = a.get("transform")
         self._keyfn = key_function(a["key"], self.path) if a.get("key") is not None else None
+        self.compression = codec.compression_of(a.get("compression"), a.get("compression_level"))
         self._store = Store(self.path, readonly=a["readonly"] or self.source is None,
                             create=self.source is not None, map_size=a["map_size"],
                             max_map_size=a["max_map_size"], readahead=a["readahead"],
@@ -340,7 +355,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
                 self._stats.write_errors += 1
             return sample
         try:
-            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, key=kb)  # type: ignore[arg-type]
+            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, self.compression,
+                                                  key=kb)  # type: ignore[arg-type]
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > self.max_sample_bytes:

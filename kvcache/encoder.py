@@ -17,14 +17,18 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from .compression import Compression, pack
 from .errors import UnsupportedSampleError
 from .layout import F64, I64, MAX_DEPTH, MAX_NDIM, TORCH_NATIVE, U8, U16, U32, U64
 
-__all__ = ["CODEC_VERSION", "KEYED", "MAGIC", "encode"]
+__all__ = ["CODEC_VERSION", "KEYED", "MAGIC", "PACKED", "encode"]
 
+# The record magic names codec 1 (the record layout itself); what later versions added
+# is told by header flags, so records written by any version stay readable.
 CODEC_VERSION = 1
 MAGIC = b"KVC" + bytes([CODEC_VERSION])
 KEYED = 1  # header flags: the checksum is seeded with the record's index (key)
+PACKED = 2  # header flags (format 2): the payload is a segment table (kvcache.compression)
 
 _U8, _U16, _U32, _U64, _I64, _F64 = U8, U16, U32, U64, I64, F64
 _checksum = xxhash.xxh3_64_intdigest
@@ -154,7 +158,9 @@ class _Encoder:
         )
         self.parts.append(header)
         if x.nbytes:
-            self.parts.append(x.reshape(-1).view(np.uint8).data)
+            raw = x.reshape(-1).view(np.uint8)
+            # (n, itemsize) bytes: joins as the array's bytes, and tells compression the item size
+            self.parts.append(raw.reshape(-1, dt.itemsize) if dt.itemsize > 1 else raw)
 
 
 _REJECTED_ARRAYS = (np.ma.MaskedArray, np.matrix)
@@ -312,9 +318,12 @@ def _fast(x: Any, lay: list, parts: list, depth: int) -> int:
     return n
 
 
-def encode(sample: Any, fp_id: int, index: int | None = None) -> tuple[bytes, bytes, int]:
+def encode(sample: Any, fp_id: int, index: int | None = None,
+           compression: Compression | None = None) -> tuple[bytes, bytes, int]:
     """Encode ``sample`` into a record; with ``index`` (the key it will be stored at) a
     KEYED record, whose checksum is seeded with the index (see :mod:`kvcache.codec`).
+    With ``compression`` each array leaf's data is compressed on its own (a PACKED
+    record, :mod:`kvcache.compression`), unless no leaf shrinks by 10 %.
 
     Returns ``(record, layout, checksum)``: the record (``bytes``, or a ``bytearray``
     for records over 64 KiB, which avoids a second copy of the payload), the layout
@@ -336,6 +345,12 @@ def encode(sample: Any, fp_id: int, index: int | None = None) -> tuple[bytes, by
     layout = b"".join(lay)
     tail = _TAIL.pack(fp_id, len(layout))
     flags, seed = (0, 0) if index is None else (KEYED, index)
+    if compression is not None:
+        packed = pack(parts, compression)
+        if packed is not None:
+            body = b"".join([tail, layout, packed])
+            checksum = _checksum(body, seed)
+            return b"".join([_PREFIX.pack(MAGIC, flags | PACKED, checksum), body]), layout, checksum
     if size < _LARGE:
         body = b"".join([tail, layout, *parts])
         checksum = _checksum(body, seed)

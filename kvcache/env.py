@@ -397,11 +397,14 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
             e.meta = env.open_db(b"meta")
             e.info = env.open_db(b"info")
             with env.begin(write=True, db=e.info) as txn:
-                if txn.get(b"format") is None:
+                raw = txn.get(b"format")
+                if raw is None:
                     txn.put(b"format", json.dumps({
                         "format": "kvcache", "version": FORMAT_VERSION, "codec": codec.CODEC_VERSION,
                         "created": time.time(),
                     }).encode())
+                else:
+                    _upgrade_format(txn, raw)
                 raw = txn.get(b"map_size")
                 recorded = int(raw) if raw else 0
             if recorded > env.info()["map_size"]:
@@ -418,3 +421,15 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     if prefetching:
         prefetch(path)
     return e
+
+
+def _upgrade_format(txn: Any, raw: bytes) -> None:
+    """Stamp a format-1 cache format 2 as a writer opens it (identity.py says why)."""
+    try:
+        fmt = json.loads(raw)
+    except ValueError:
+        return  # check_identity refused it already, or will
+    if isinstance(fmt, dict) and fmt.get("version") == 1:
+        fmt["upgraded_from"] = fmt["version"]
+        fmt["version"] = FORMAT_VERSION
+        txn.put(b"format", json.dumps(fmt).encode())

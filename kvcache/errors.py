@@ -20,6 +20,7 @@ __all__ = [
     "IncompatibleCacheError",
     "KvCacheError",
     "KvCacheWarning",
+    "MissingCodecError",
     "MissingSampleError",
     "NetworkFilesystemError",
     "NotACacheError",
@@ -118,6 +119,11 @@ class SourceError(KvCacheError, RuntimeError):
 
 class SampleTooLargeError(KvCacheError, ValueError):
     """A sample's record exceeds the configured size cap; it is served uncached."""
+
+
+class MissingCodecError(KvCacheError, ImportError):
+    """The cache holds records compressed with a codec whose Python package is not
+    installed here; the message names the extra (``pip install 'kvcache[zstd]'``)."""
 
 
 class MissingSampleError(KvCacheError, KeyError):

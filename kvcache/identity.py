@@ -22,9 +22,15 @@ from .errors import CacheCorruptError, IncompatibleCacheError, NotACacheError
 from .pubrecord import RECORD_NAME
 from .structure import STAMP_NAME, remember, validated
 
-__all__ = ["FORMAT_VERSION", "LOCK_NAME", "OWN_FILES", "check_compatible", "check_identity", "classify"]
+__all__ = ["FORMAT_VERSION", "LOCK_NAME", "OWN_FILES", "READS_FORMATS", "check_compatible", "check_identity",
+           "classify"]
 
-FORMAT_VERSION = 1
+# Format 2 added compressed (PACKED) records and keyed records (16-byte keys, key-bearing
+# metadata rows); a format-1 cache holds neither, so it reads as it is, and a writer
+# stamps it format 2 when it first opens it for writing (kvcache.env), since an older
+# kvcache would take the new records for damage.
+FORMAT_VERSION = 2
+READS_FORMATS = (1, 2)
 LOCK_NAME = "kvcache.lock"
 OWN_FILES = frozenset({"data.mdb", "lock.mdb", LOCK_NAME, STAMP_NAME, RECORD_NAME})
 
@@ -129,10 +135,12 @@ def check_compatible(path: str, fmt: dict[str, Any]) -> None:
     Raises:
         IncompatibleCacheError: another format or codec version, naming the fix.
     """
-    if fmt.get("format") != "kvcache" or fmt.get("version") != FORMAT_VERSION or fmt.get("codec") != codec.CODEC_VERSION:
+    if (fmt.get("format") != "kvcache" or fmt.get("version") not in READS_FORMATS
+            or fmt.get("codec") != codec.CODEC_VERSION):
         raise IncompatibleCacheError(
             f"{path} was written by kvcache format {fmt.get('version')} / codec {fmt.get('codec')}; "
-            f"this kvcache reads format {FORMAT_VERSION} / codec {codec.CODEC_VERSION}. "
+            f"this kvcache reads formats {', '.join(map(str, READS_FORMATS))} / codec "
+            f"{codec.CODEC_VERSION}. "
             "Rebuild it (delete the directory, or `kvcache build SPEC PATH` into a new one)."
         )
 

@@ -30,6 +30,7 @@ _key = KEY.pack
 _decode = codec.decode
 _unpack_head, _HEAD_KEYED, _HEAD_PLAIN, _PLANS, _checksum = (
     codec.unpack_head, codec.HEAD_KEYED, codec.HEAD_PLAIN, codec.PLANS, codec.checksum)
+_HEAD_KEYED_PACKED, _HEAD_PLAIN_PACKED = codec.HEAD_KEYED_PACKED, codec.HEAD_PLAIN_PACKED
 
 
 class CachedReader:
@@ -123,6 +124,7 @@ class CachedReader:
         lru = self._lru
         verify, fp = self.verify, self._fp_read
         head, keyed, plain, plans, xxh = _unpack_head, _HEAD_KEYED, _HEAD_PLAIN, _PLANS, _checksum
+        keyed_z, plain_z = _HEAD_KEYED_PACKED, _HEAD_PLAIN_PACKED
         hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
@@ -165,6 +167,11 @@ class CachedReader:
                             else:
                                 if verify and xxh(buf[16:], i if h == keyed else 0) != cs:
                                     v = _SLOW
+                        elif f == fp and (h == keyed_z or h == plain_z):  # compressed
+                            try:
+                                v = _decode(buf, verify, fp, i)
+                            except (codec.StaleRecord, CorruptRecordError):
+                                v = _SLOW
                     if v is _SLOW:
                         v = self._lookup(txn, i)
                     elif v is not _STALE:

@@ -200,7 +200,11 @@ def scan(path: str) -> dict:
                         res["errors"].append(f"samples: a key of {len(kb)} bytes")
                         continue
                     m = mtxn.get(kb)
-                    why = _check_record(v, None if m is None else bytes(m), codec.seed_of(kb), kb)
+                    try:
+                        why = _check_record(v, None if m is None else bytes(m), codec.seed_of(kb), kb)
+                    except codec.MissingCodecError as exc:  # not damage: the parent raises it
+                        res["missing_codec"] = str(exc)
+                        break
                     if why:
                         res["bad"].append(name)
                         res["reasons"][str(name)] = why

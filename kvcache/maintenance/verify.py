@@ -10,6 +10,7 @@ from typing import Any
 import lmdb
 
 from .. import structure
+from ..compression import MissingCodecError
 from ..errors import CacheCorruptError, KvCacheError, NotACacheError
 from ..progress import Progress, progress_for
 from ..pubrecord import file_digest, publish_record
@@ -96,6 +97,8 @@ def scan(path: str, progress: Progress | None = None, stamp: bool = False) -> Ve
             last = (err.strip().splitlines() or ["no output"])[-1]
             rep.errors.append(f"the scan failed: {last}")
         return rep
+    if res.get("missing_codec"):  # never reported (nor repaired) as damage
+        raise MissingCodecError(res["missing_codec"])
     if res["not_a_cache"]:
         raise NotACacheError(f"{path} is not a kvcache cache ({'; '.join(res['errors']) or 'no info table'})")
     rep.checked, rep.entries = res["checked"], res["entries"]
