@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import codec
+from .compression import Compression
 from .errors import (
     BuildError,
     CacheReadOnlyError,
@@ -67,7 +68,8 @@ def start_method(method: str | None = None) -> str:
 
 
 def encode_rows(source: Any, indices: Sequence[Any], fp_id: int, max_bytes: int,
-                skip: bool = False) -> tuple[list[Row], list[int], list[tuple[int, str]]]:
+                skip: bool = False,
+                compression: Compression | None = None) -> tuple[list[Row], list[int], list[tuple[int, str]]]:
     """Compute and encode ``source[i]`` for each index: the rows to write, the indices
     whose record is over ``max_bytes`` (served uncached, so not written), and with
     ``skip`` the ``(index, error)`` of each index whose source raised. An item of a
@@ -96,7 +98,7 @@ def encode_rows(source: Any, indices: Sequence[Any], fp_id: int, max_bytes: int,
             raise SourceError(f"index {i}: the source raised {why} (kvcache build --skip-errors, "
                               "or build(errors='skip'), stores every other sample)") from exc
         try:
-            record, meta = codec.encode_with_meta(sample, fp_id, seed, key=kb)
+            record, meta = codec.encode_with_meta(sample, fp_id, seed, compression, key=kb)
         except KvCacheError as exc:
             raise type(exc)(f"index {i}: {exc}") from None
         if len(record) > max_bytes:
@@ -244,23 +246,24 @@ _W: dict[str, Any] = {}
 
 
 def _init(source: Any, factory: Callable[[], Any] | None, fp_id: int, max_bytes: int,
-          skip: bool = False) -> None:
+          skip: bool = False, compression: Compression | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle
     if hasattr(signal, "pthread_sigmask"):  # blocked by _starting(); a pending one is dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _W.update(source=factory() if factory is not None else source, fp_id=fp_id, max_bytes=max_bytes,
-              skip=skip)
+              skip=skip, compression=compression)
 
 
 def _task(indices: list[int]) -> tuple[list[Row], list[int], list[tuple[int, str]], float]:
     t0 = time.perf_counter()
-    rows, big, failed = encode_rows(_W["source"], indices, _W["fp_id"], _W["max_bytes"], _W["skip"])
+    rows, big, failed = encode_rows(_W["source"], indices, _W["fp_id"], _W["max_bytes"], _W["skip"], _W["compression"])
     return rows, big, failed, time.perf_counter() - t0
 
 
 def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: int = 0,
          max_bytes: int = 1 << 62, method: str | None = None,
-         source_factory: Callable[[], Any] | None = None, skip: bool = False) -> Filled:
+         source_factory: Callable[[], Any] | None = None, skip: bool = False,
+         compression: Compression | None = None) -> Filled:
     """Compute every index in ``todo`` and write it through ``sink``.
 
     ``workers=0`` computes here; ``workers=N`` in N processes (``method``: fork, spawn or
@@ -281,7 +284,7 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
             while k < len(todo):
                 t0 = time.perf_counter()
                 rows, big, failed = encode_rows(source, _items(todo[k:k + step]), sink.fp_id,
-                                                max_bytes, True)
+                                                max_bytes, True, compression)
                 k, n = k + step, len(rows) + len(big) + len(failed)
                 out.too_large += big
                 sink.add(rows, n)
@@ -290,7 +293,8 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
                 per_item = (time.perf_counter() - t0) / max(n, 1)
                 step = int(min(max(sink.tick / 5 / max(per_item, 1e-9), 1), SERIAL_CHUNK))
         elif len(todo):
-            _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out, skip)
+            _pool(source, sink, todo, workers, max_bytes, start_method(method), source_factory, out, skip,
+                  compression)
     except KeyboardInterrupt:
         out.interrupted = True
     finally:
@@ -301,7 +305,8 @@ def fill(source: Any, sink: Sink, todo: np.ndarray | Sequence[int], *, workers: 
 
 
 def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, method: str,
-          factory: Callable[[], Any] | None, out: Filled, skip: bool) -> None:
+          factory: Callable[[], Any] | None, out: Filled, skip: bool,
+          compression: Compression | None = None) -> None:
     ctx = mp.get_context(method)
     # Never hold an environment across fork (kvcache.env); under fork every worker is
     # started by the first submit, and the sink reopens the store at its first commit.
@@ -309,7 +314,7 @@ def _pool(source: Any, sink: Sink, todo: Any, workers: int, max_bytes: int, meth
     pos, per_item = 0, 0.0
     pending: set[Future] = set()
     ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
-                             initargs=(None if factory else source, factory, sink.fp_id, max_bytes, True))
+                             initargs=(None if factory else source, factory, sink.fp_id, max_bytes, True, compression))
 
     def take(done: set[Future]) -> None:
         nonlocal per_item
@@ -413,6 +418,7 @@ class Target:
     fp_id: int | None  # the id the source's records carry; None: it cannot write here
     length: int  # indices to fill: range(length)
     max_sample_bytes: int  # records over this are served uncached, not written
+    compression: Compression | None = None  # what the records' array leaves are compressed with
 
 
 @dataclass(frozen=True)
@@ -467,7 +473,7 @@ def build(job: BuildJob, *, num_workers: int = 0, progress: Any = False, start_m
     try:
         done = fill(job.source, Sink(t.store, t.fp_id, bar), todo, workers=num_workers,
                     max_bytes=t.max_sample_bytes, method=start_method, source_factory=source_factory,
-                    skip=errors == "skip")
+                    skip=errors == "skip", compression=t.compression)
     finally:
         if bar is not None:
             bar.finish()

@@ -179,6 +179,16 @@ def inspect_cmd(path: str, as_json: bool) -> None:
                                              if r.other_layout_entries else ""),
     ]
     out += [f"  {leaf}" for leaf in r.leaves]
+    if r.sampled_records:
+        used = ", ".join(f"{c} in {k:,}" for c, k in sorted(r.compression.items())) or "none"
+        waste = 1 - r.stored_bytes / r.page_bytes if r.page_bytes else 0.0
+        out += [
+            f"compression:   {used} of {r.sampled_records:,} records sampled; ratio {r.ratio:.2f}x",
+            (f"per sample:    payload {_size(round(r.payload_bytes))}, stored {_size(round(r.stored_bytes))}, "
+             f"in LMDB pages {_size(round(r.page_bytes))} ({r.disk_ratio:.2f}x smaller than the payload"
+             + (f"; {100 * waste:.0f}% of the pages is rounding up to whole pages" if waste > 0.05 else "")
+             + ")"),
+        ]
     out += [f"created:       {_when(r.created)}", f"last written:  {_when(r.last_written)}"]
     click.echo("\n".join(out))
 
@@ -304,6 +314,16 @@ def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, 
 # --------------------------------------------------------------------------- build, merge
 
 
+def _compression_options(help_text: str) -> Callable:
+    """``--compression zstd|lz4|none`` and ``--compression-level N``."""
+    def deco(f: Callable) -> Callable:
+        f = click.option("--compression-level", type=int, default=None,
+                         help="The codec's level (zstd -7..22, default 3; lz4 0 fast (default) or 1..16).")(f)
+        return click.option("--compression", type=click.Choice(["zstd", "lz4", "none"]), default=None,
+                            help=help_text)(f)
+    return deco
+
+
 @cli.command("build")
 @click.argument("spec")
 @click.argument("path", type=click.Path())
@@ -318,9 +338,12 @@ def gc_cmd(path: str, source: str | None, key: str | None, version: str | None, 
               help="Store every sample the source can compute and list the indices where it raised "
                    "(exit 1; a later build tries them again). Without it the first error stops the "
                    "build, naming the index.")
+@_compression_options("Compress the array leaves of the records written (pip install 'kvcache[zstd]' / "
+                      "'kvcache[lz4]'); a leaf that does not shrink by 10% is stored as it is.")
 @_reporting
 def build_cmd(spec: str, path: str, workers: int, version: str | None, key: str | None,
-              distributed: bool, skip_errors: bool, as_json: bool) -> None:
+              distributed: bool, skip_errors: bool,
+              compression: str | None, compression_level: int | None, as_json: bool) -> None:
     """Fill every missing index of the cache at PATH from SPEC.
 
     SPEC is module:callable (looked up from the current directory, as `python -m` does)
@@ -332,7 +355,9 @@ def build_cmd(spec: str, path: str, workers: int, version: str | None, key: str 
     bar = _Bar("build", not as_json)
     try:
         r = m.build(spec, path, workers=workers, version=version, progress=bar.arg(),
-                    distributed=distributed, key=key, errors="skip" if skip_errors else "raise")
+                    distributed=distributed, key=key, errors="skip" if skip_errors else "raise",
+                    compression=None if compression == "none" else compression,
+                    compression_level=compression_level)
     finally:
         bar.close()
     if r.rank == 0:
@@ -383,8 +408,11 @@ def merge_cmd(dest: str, srcs: tuple[str, ...], as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing cache at DEST (atomically).")
 @click.option("--partial", is_flag=True, help="Publish even if SRC lacks samples of its source (refused "
               "otherwise: every reader would compute them).")
+@_compression_options("Recompress every record of the copy (none: store them uncompressed); without it the "
+                      "records are published as they are. SRC is not changed.")
 @_reporting
-def publish_cmd(src: str, dest: str, force: bool, partial: bool, as_json: bool) -> None:
+def publish_cmd(src: str, dest: str, force: bool, partial: bool,
+                compression: str | None, compression_level: int | None, as_json: bool) -> None:
     """Publish the cache SRC as an immutable, compacted, verified copy at DEST.
 
     For shared or network storage: readers open DEST read-only without any lock, from
@@ -392,7 +420,9 @@ def publish_cmd(src: str, dest: str, force: bool, partial: bool, as_json: bool) 
     """
     bar = _Bar("publish", not as_json)
     try:
-        r = m.publish(src, dest, force=force, progress=bar.arg(), partial=partial)
+        r = m.publish(src, dest, force=force, progress=bar.arg(), partial=partial,
+                      compression="keep" if compression is None else compression,
+                      compression_level=compression_level)
     finally:
         bar.close()
     if as_json:

@@ -161,14 +161,19 @@ def pack(parts: list[Any], comp: Compression) -> bytes | None:
             out.append(g)
             glue.clear()
 
+    if sum(p.nbytes if type(p) is np.ndarray else len(p) for p in parts) >= 1 << 32:
+        return None  # segment sizes are u32: a 4 GiB payload is stored uncompressed
     for p in parts:
-        if type(p) is not np.ndarray or p.nbytes < MIN_SEGMENT:
+        if type(p) is not np.ndarray:
             glue.append(p)
             continue
-        flush()
         raw = p.nbytes
-        k = p.shape[1] if p.ndim == 2 else p.dtype.itemsize  # (n, itemsize) u8 from the full encoder
-        data = p.reshape(-1).view(np.uint8)
+        k = p.shape[1] if p.ndim == 2 and p.dtype == np.uint8 else p.dtype.itemsize  # (n, itemsize) bytes
+        data = p.reshape(-1).view(np.uint8)  # (datetime64 has no buffer interface of its own)
+        if raw < MIN_SEGMENT:
+            glue.append(data)
+            continue
+        flush()
         if comp.shuffle and 1 < k <= 16 and raw % k == 0:
             z = comp.compress(data.reshape(-1, k).T.tobytes())
         else:

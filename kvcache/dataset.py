@@ -451,7 +451,8 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
     def _build_target(self) -> builder.Target:
         fp_id = self.fingerprint_id  # opens this process's environment
         self.flush()  # what __getitem__ buffered is cached before the build looks
-        return builder.Target(self.path, self._store, fp_id, len(self), self.max_sample_bytes)
+        return builder.Target(self.path, self._store, fp_id, len(self), self.max_sample_bytes,
+                              self.compression)
 
     @property
     def store(self) -> Store:

@@ -197,7 +197,7 @@ def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | No
                 items = missing_keys(target.store, fp_id, key_function(key, path), target.length, path)
                 todo = np.array([it[0] for it in items], dtype=np.int64)
             head[0] = {"fp_id": fp_id, "n": target.length, "todo": len(todo),
-                       "max_bytes": target.max_sample_bytes}
+                       "max_bytes": target.max_sample_bytes, "compression": target.compression}
         except (KvCacheError, OSError, ValueError) as exc:
             failure, head[0] = exc, {"error": f"{type(exc).__name__}: {exc}"}
     dist.broadcast_object_list(head, src=0)
@@ -228,6 +228,7 @@ def _run(source: Any, dg: str, path: str, open_target: Callable[[], Target] | No
                 kf = key_function(key, path)
                 share = [(i, *kf(i)) for i in share.tolist()]
             done = fill(source, ex, share, workers=num_workers, max_bytes=h["max_bytes"],
+                        compression=h.get("compression"),
                         method=start_method, source_factory=source_factory)
         except Exception as exc:
             if not ex.broken:  # tell every rank (they raise BuildError), then raise ours

@@ -50,7 +50,7 @@ from .coldread import map_of, willneed
 from .lockfree import ALLOW_NETWORK_WRITES_ENV, NoEnvironment, cold_reads, prefetch, read_policy
 from .mounts import FsInfo, filesystem_of
 from .lmdb_errors import is_readonly_error
-from .identity import FORMAT_VERSION, LOCK_NAME, classify
+from .identity import FORMAT_VERSION, LOCK_NAME, classify, format_version, upgrade_format
 from .opening import Opening, decide, identify, on_network
 from .pubrecord import matches_record, meta_matches
 from .structure import remember, validated
@@ -69,7 +69,8 @@ class Env:
     """This process's one open environment for a path, shared by every Store on it."""
 
     __slots__ = ("path", "env", "samples", "meta", "info", "readonly", "lock_fd", "refs", "dead",
-                 "readonly_reason", "lock", "write_lock", "lockfree", "published", "fs", "opening", "cold")
+                 "readonly_reason", "lock", "write_lock", "lockfree", "published", "fs", "opening", "cold",
+                 "old_format")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -87,6 +88,7 @@ class Env:
         self.fs: FsInfo | None = None
         self.opening: Opening | None = None  # how it was opened (kvcache.opening.decide)
         self.cold = False  # reads mostly miss the page cache: batches fetch their pages concurrently
+        self.old_format = False  # a format-1 cache, stamped format 2 by its first writer
 
     def close(self) -> None:
         self.dead = True
@@ -194,12 +196,15 @@ def open_env(path: str, *, readonly: bool, create: bool, map_size: int | None,
         e = _REGISTRY.get(path)
         if e is not None and not e.dead:
             e.refs += 1
-            return e
-        e = _open_new(path, readonly=readonly, create=create, map_size=map_size,
-                      readahead=readahead, max_readers=max_readers, lock=lock,
-                      allow_network_writes=allow_network_writes)
-        e.refs = 1
-        _REGISTRY[path] = e
+        else:
+            e = _open_new(path, readonly=readonly, create=create, map_size=map_size,
+                          readahead=readahead, max_readers=max_readers, lock=lock,
+                          allow_network_writes=allow_network_writes)
+            e.refs = 1
+            _REGISTRY[path] = e
+        if e.old_format and not readonly and not e.readonly:
+            upgrade_format(e.env, e.info)
+            e.old_format = False
         return e
 
 
@@ -404,7 +409,7 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
                         "created": time.time(),
                     }).encode())
                 else:
-                    _upgrade_format(txn, raw)
+                    e.old_format = format_version(raw) == 1
                 raw = txn.get(b"map_size")
                 recorded = int(raw) if raw else 0
             if recorded > env.info()["map_size"]:
@@ -421,15 +426,3 @@ def _open_new(path: str, *, readonly: bool, create: bool, map_size: int | None,
     if prefetching:
         prefetch(path)
     return e
-
-
-def _upgrade_format(txn: Any, raw: bytes) -> None:
-    """Stamp a format-1 cache format 2 as a writer opens it (identity.py says why)."""
-    try:
-        fmt = json.loads(raw)
-    except ValueError:
-        return  # check_identity refused it already, or will
-    if isinstance(fmt, dict) and fmt.get("version") == 1:
-        fmt["upgraded_from"] = fmt["version"]
-        fmt["version"] = FORMAT_VERSION
-        txn.put(b"format", json.dumps(fmt).encode())

@@ -23,7 +23,7 @@ from .pubrecord import RECORD_NAME
 from .structure import STAMP_NAME, remember, validated
 
 __all__ = ["FORMAT_VERSION", "LOCK_NAME", "OWN_FILES", "READS_FORMATS", "check_compatible", "check_identity",
-           "classify"]
+           "classify", "format_version", "upgrade_format"]
 
 # Format 2 added compressed (PACKED) records and keyed records (16-byte keys, key-bearing
 # metadata rows); a format-1 cache holds neither, so it reads as it is, and a writer
@@ -152,3 +152,23 @@ def _has_kvcache_tables(env: Any) -> bool:
             return any(bytes(k) in (b"samples", b"meta") for k, _ in txn.cursor())
     except lmdb.Error:
         return True  # an unreadable main database in a file that opened: damage
+
+
+def format_version(raw: bytes) -> Any:
+    """The ``version`` of a ``format`` info row (None where it is unreadable)."""
+    try:
+        fmt = json.loads(raw)
+    except ValueError:
+        return None  # check_identity refused it already, or will
+    return fmt.get("version") if isinstance(fmt, dict) else None
+
+
+def upgrade_format(env: Any, info_db: Any) -> None:
+    """Stamp a format-1 cache format 2, as a writer first opens it (see FORMAT_VERSION);
+    a read-only opener leaves it as it is."""
+    with env.begin(write=True, db=info_db) as txn:
+        raw = txn.get(b"format")
+        if raw is not None and format_version(raw) == 1:
+            fmt = json.loads(raw)
+            fmt.update(version=FORMAT_VERSION, upgraded_from=1)
+            txn.put(b"format", json.dumps(fmt).encode())

@@ -24,7 +24,8 @@ __all__ = ["BuildReport", "build"]
 
 def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str | int | None = None,
           progress: Any = False, distributed: bool = False, start_method: str | None = None,
-          key: str | None = None, errors: str = "raise") -> BuildReport:
+          key: str | None = None, errors: str = "raise",
+          compression: str | None = None, compression_level: int | None = None) -> BuildReport:
     """Compute and store every index of the source that the cache does not hold yet.
 
     ``spec`` (``module:callable`` or ``path/to/file.py:callable``) returns the source
@@ -46,6 +47,8 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
         errors: ``"raise"`` (a source error stops the build, naming the index) or
             ``"skip"`` (store every other sample; the report lists ``failed`` indices,
             which a later build tries again). Not with ``distributed``.
+        compression, compression_level: compress the records written (``"zstd"`` or
+            ``"lz4"``, as for LmdbCachedDataset); records already cached stay as they are.
 
     Returns:
         a report with ``items_per_s``; ``interrupted`` is True after Ctrl-C.
@@ -67,12 +70,16 @@ def build(spec: str, path: str | os.PathLike, *, workers: int = 1, version: str 
     kw = dict(num_workers=num_workers, progress=progress, start_method=start_method, source_factory=factory)
     with contextlib.ExitStack() as opened:
         if not distributed:
-            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn))
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn,
+                                                        compression=compression,
+                                                        compression_level=compression_level))
             return run(ds.build_job(), errors=errors, **kw)
         from ..distributed import build_source
 
         def open_target() -> Target:  # rank 0 alone opens (and creates) the cache
-            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn))
+            ds = opened.enter_context(LmdbCachedDataset(source, path, version=version, key=keyfn,
+                                                        compression=compression,
+                                                        compression_level=compression_level))
             return ds.build_job().open()
 
         job = BuildJob(source, os.path.abspath(os.fspath(path)),

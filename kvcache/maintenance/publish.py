@@ -34,13 +34,14 @@ from typing import Any
 
 import lmdb
 
-from .. import catalog
+from .. import catalog, codec
 from ..env import LOCK_NAME, classify, opened_here, read_identity
 from ..errors import CacheCorruptError, CacheExistsError, PartialCacheError
 from ..progress import progress_for
 from ..pubrecord import make_record, write_record
 from ..store import Store, translate
 from ._common import check_cache, sibling_dir
+from .recompress import recompress
 from .verify import scan
 
 __all__ = ["PublishReport", "publish"]
@@ -118,7 +119,8 @@ def _missing(store: Store) -> tuple[int, int, list[int]]:
 
 
 def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = False,
-            progress: Any = False, partial: bool = False) -> PublishReport:
+            progress: Any = False, partial: bool = False,
+            compression: str | None = "keep", compression_level: int | None = None) -> PublishReport:
     """Publish the cache at ``src`` as an immutable cache at ``dest`` (usually on shared
     storage), compacted and verified record by record.
 
@@ -130,6 +132,11 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
             is immutable and every reader would compute the missing samples again.
         progress: True for a progress line on stderr, or a callable ``(done, total)``
             (it follows the verification of the copy, record by record).
+        compression: ``"keep"`` (the default) publishes the records as they are;
+            ``"zstd"`` / ``"lz4"`` recompress every record of the copy (each array leaf
+            on its own, stored raw where it does not shrink by 10 %), ``None`` or
+            ``"none"`` stores them all uncompressed. The source cache is not changed.
+        compression_level: the codec's level (as for LmdbCachedDataset).
 
     Raises:
         NotACacheError: ``src`` is not a cache, or ``dest`` holds something that is not one.
@@ -140,6 +147,8 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
         CacheWriteError: writing next to ``dest`` failed (disk full, permissions).
     """
     t0 = time.perf_counter()
+    keep = compression == "keep"
+    comp = None if keep or compression == "none" else codec.compression_of(compression, compression_level)
     src = check_cache(src)
     dest = os.path.abspath(os.fspath(dest))
     if os.path.realpath(dest) == os.path.realpath(src):
@@ -168,6 +177,8 @@ def publish(src: str | os.PathLike, dest: str | os.PathLike, *, force: bool = Fa
                 e.env.copy(tmp, compact=True)
             except lmdb.Error as exc:
                 raise translate(exc, tmp) from None
+        if not keep:
+            recompress(tmp, comp, progress_for(progress, "recompress"))
         data = os.path.join(tmp, "data.mdb")
         try:
             env = lmdb.open(tmp, subdir=True, lock=False, max_dbs=4, create=False,
