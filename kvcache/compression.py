@@ -79,7 +79,9 @@ def _zstd_decompress(data: Any, raw: int) -> bytes:
 
 
 def _lz4_decompress(data: Any, raw: int) -> bytes:
-    return _lz4().decompress(data, uncompressed_size=raw)
+    block = _lz4()
+    _DECOMPRESS[2] = lambda data, raw: block.decompress(data, uncompressed_size=raw)  # imported now
+    return block.decompress(data, uncompressed_size=raw)
 
 
 _DECOMPRESS: dict[int, Callable[[Any, int], bytes]] = {1: _zstd_decompress, 2: _lz4_decompress}
@@ -204,17 +206,15 @@ def unpack(buf: Any, pos: int, bound: int) -> bytes:
         SegmentError: malformed table or segment (anything a damaged record can do).
         MissingCodecError: a segment's codec is not installed.
     """
-    (n,) = _COUNT.unpack_from(buf, pos)
-    p = pos + 2 + n * SEG.size
+    (n,) = _count_from(buf, pos)
+    t = pos + 2
+    p = t + 10 * n
     end = len(buf)
     if p > end:
         raise SegmentError("segment table runs past the record")
     pieces: list[Any] = []
     total = 0
-    t = pos + 2
-    for _ in range(n):
-        method, k, stored, raw = SEG.unpack_from(buf, t)
-        t += 10
+    for method, k, stored, raw in _seg_iter(buf[t:p]):
         q = p + stored
         total += raw
         if q > end or total > bound:
@@ -238,12 +238,17 @@ def unpack(buf: Any, pos: int, bound: int) -> bytes:
             if k:
                 if raw % k:
                     raise SegmentError("shuffled segment not a multiple of its item size")
-                data = np.frombuffer(data, np.uint8).reshape(k, -1).T.tobytes()
+                data = _frombuffer(data, _U8).reshape(k, raw // k).T.tobytes()
             pieces.append(data)
         p = q
     if p != end:
         raise SegmentError("bytes after the last segment")
     return b"".join(pieces)
+
+
+_count_from = _COUNT.unpack_from
+_seg_iter = SEG.iter_unpack
+_frombuffer, _U8 = np.frombuffer, np.dtype(np.uint8)
 
 
 def plain_size(buf: Any, pos: int) -> int:

@@ -284,18 +284,47 @@ def _whole(step: Callable) -> Callable:
     return plan
 
 
+def _fixed_size(node: tuple) -> int | None:
+    """The payload bytes of a layout without variable-size leaves (str, bytes, big int);
+    None for one with them."""
+    kind = node[0]
+    if kind in ("int", "float"):
+        return 8
+    if kind == "bool":
+        return 1
+    if kind == "none":
+        return 0
+    if kind == "npscalar":
+        return node[1].itemsize
+    if kind == "array":
+        return node[4] + node[5]
+    if kind in ("tuple", "list", "dict"):
+        total = 0
+        for k in node[2] if kind == "dict" else node[1]:
+            n = _fixed_size(k)
+            if n is None:
+                return None
+            total += n
+        return total
+    return None
+
+
 def plan_for(layout: bytes) -> Callable:
     """The plan for ``layout``: cached, interpreted at first, compiled once it is hot.
 
     A plan is ``plan(record, body_offset) -> sample``; it raises (LayoutError, or the
     struct/numpy error of an out-of-bounds read) unless the payload fills the record
-    exactly.
+    exactly. Its ``fixed`` attribute is the payload's size where the layout fixes it
+    (no str, bytes or big int leaf), else None: a reader may check a record's length
+    against it and hash the record before the plan copies it out.
     """
     plan = PLANS.get(layout)
     if plan is not None:
         return plan
     node = parse(layout)
+    fixed = _fixed_size(node)
     interp = _whole(_interp(node))
+    interp.fixed = fixed  # type: ignore[attr-defined]
     if len(PLANS) >= PLAN_CACHE_MAX:
         PLANS.clear()
     if _leaf_count(node) > COMPILE_MAX_LEAVES:
@@ -307,8 +336,11 @@ def plan_for(layout: bytes) -> Callable:
         nonlocal uses
         uses += 1
         if uses == COMPILE_AFTER:
-            PLANS[layout] = _compile(node, whole=True)
+            compiled = _compile(node, whole=True)
+            compiled.fixed = fixed  # type: ignore[attr-defined]
+            PLANS[layout] = compiled
         return interp(buf, pos)
 
+    warming.fixed = fixed  # type: ignore[attr-defined]
     PLANS[layout] = warming
     return warming

@@ -30,7 +30,6 @@ _key = KEY.pack
 _decode = codec.decode
 _unpack_head, _HEAD_KEYED, _HEAD_PLAIN, _PLANS, _checksum = (
     codec.unpack_head, codec.HEAD_KEYED, codec.HEAD_PLAIN, codec.PLANS, codec.checksum)
-_HEAD_KEYED_PACKED, _HEAD_PLAIN_PACKED = codec.HEAD_KEYED_PACKED, codec.HEAD_PLAIN_PACKED
 
 
 class CachedReader:
@@ -124,7 +123,7 @@ class CachedReader:
         lru = self._lru
         verify, fp = self.verify, self._fp_read
         head, keyed, plain, plans, xxh = _unpack_head, _HEAD_KEYED, _HEAD_PLAIN, _PLANS, _checksum
-        keyed_z, plain_z = _HEAD_KEYED_PACKED, _HEAD_PLAIN_PACKED
+        hash_first = codec.HASH_FIRST
         hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
@@ -158,7 +157,7 @@ class CachedReader:
                         v = _STALE
                     elif len(buf) >= 24:
                         h, cs, f, ll = head(buf, 0)
-                        if f == fp and (h == keyed or h == plain):
+                        if f == fp and (h == keyed or h == plain) and len(buf) <= hash_first:
                             body = 24 + ll
                             try:
                                 v = plans[buf[24:body]](buf, body)
@@ -167,7 +166,7 @@ class CachedReader:
                             else:
                                 if verify and xxh(buf[16:], i if h == keyed else 0) != cs:
                                     v = _SLOW
-                        elif f == fp and (h == keyed_z or h == plain_z):  # compressed
+                        elif f == fp:  # compressed, or large (hashed before it is copied)
                             try:
                                 v = _decode(buf, verify, fp, i)
                             except (codec.StaleRecord, CorruptRecordError):
