@@ -121,6 +121,12 @@ class Compression:
     def __reduce__(self) -> tuple:
         return (Compression, (self.name, self.level, self.shuffle))
 
+    def stronger(self) -> "Compression":
+        """The same codec at a higher level (for a record just over a page boundary)."""
+        if self.name == "zstd":
+            return Compression("zstd", max(self.level, min(self.level + 9, 19)), self.shuffle)
+        return Compression("lz4", max(self.level, 12), self.shuffle)
+
     def compress(self, data: Any) -> bytes:
         """One segment's bytes, compressed."""
         if self._method == 1:
@@ -147,10 +153,10 @@ def compression_of(name: str | None, level: int | None = None) -> Compression | 
     return Compression(name, level)
 
 
-def pack(parts: list[Any], comp: Compression) -> bytes | None:
+def pack(parts: list[Any], comp: Compression, shrink: float = SHRINK) -> bytes | None:
     """The segment table and segments of a payload given as ``parts`` (bytes for npy
-    headers and scalars, ndarrays for array data), or None when no segment shrank enough
-    (the record is then written uncompressed)."""
+    headers and scalars, ndarrays for array data), or None when no segment shrank to
+    ``shrink`` of its size (the record is then written uncompressed)."""
     table: list[bytes] = []
     out: list[Any] = []
     glue: list[Any] = []
@@ -181,7 +187,7 @@ def pack(parts: list[Any], comp: Compression) -> bytes | None:
         else:
             k = 0
             z = comp.compress(data)
-        if len(z) <= SHRINK * raw:
+        if len(z) <= shrink * raw:
             table.append(SEG.pack(comp._method, k, len(z), raw))
             out.append(z)
             shrank = True
@@ -261,3 +267,20 @@ def segment_codecs(buf: Any, pos: int) -> set[str]:
     """The codec names a compressed record's segments use."""
     (n,) = _COUNT.unpack_from(buf, pos)
     return {_NAMES[m] for m in (SEG.unpack_from(buf, pos + 2 + 10 * j)[0] for j in range(n)) if m in _NAMES}
+
+
+# --------------------------------------------------------------------------- LMDB pages
+
+PAGE = 4096
+# A value whose node would pass LMDB's node maximum for 4 KiB pages (mdb.c: me_nodemax,
+# 2038 bytes with an 8-byte key) goes to overflow pages: a 16-byte header, then the
+# value, rounded up to whole pages. Below it, records share leaf pages.
+OVERFLOW_FROM = 2038 - 8 - 8
+
+
+def pages(nbytes: int) -> int:
+    """Whole 4 KiB pages a record of ``nbytes`` takes in LMDB (0: it shares a leaf page)."""
+    return 0 if nbytes <= OVERFLOW_FROM else -(-(16 + nbytes) // PAGE)
+
+
+NEAR = 1024  # a record this close past a page boundary tries harder to fit under it

@@ -5,6 +5,7 @@
     .venv/bin/python tools/fuzz.py 50 --quick              # skip the DataLoader and CLI steps
     .venv/bin/python tools/fuzz.py 0 --merge a.json b.json # one table from several --json runs
     .venv/bin/python tools/fuzz.py 100 --with-source --start 0 --json ws_0.json  # self-repair mode
+    .venv/bin/python tools/fuzz.py 200 --compression zstd  # compressed caches (and samples that compress)
 
 A base cache is built once (200 samples: a uint8 3x32x32 tensor and an int label; every
 16th sample is a 3x48x48 tensor, so the file has overflow pages too). Each seed copies it,
@@ -32,6 +33,11 @@ source), ``ds[i]`` of every index, ``__getitems__`` of all, one 2-worker DataLoa
 ``foreign``; the table adds ``intact`` (records whose pages the damage did not touch),
 ``kept`` (of those, how many the first pass read back from the cache, i.e. survived
 self-repair) and the share kept, and the actions the dataset took (``self_repair``).
+
+``--compression zstd|lz4`` builds the base cache compressed, opens every dataset with
+that compression (recomputed samples are stored compressed too), and makes the samples
+compressible (a gradient plus 2 bits of noise; every 16th is 3x64x64, over a page even
+compressed), so the damage lands on segment tables and compressed frames.
 
 Each seed is classified by the worst thing that happened: ``signal`` (the child or a
 DataLoader worker died of one), ``hang`` (past ``--timeout``), ``foreign`` (an exception
@@ -81,6 +87,7 @@ OUTCOMES = ("ok", "refused", "wrong", "foreign", "signal", "hang")
 # of any other kind does, and so does a wrong sample, a foreign exception or a hang of any kind.
 ACCEPTED_SIGNAL_KINDS = {"published"}
 _RANK = {o: r for r, o in enumerate(OUTCOMES)}
+COMPRESSION: str | None = None  # --compression: the base cache and every dataset compress
 
 
 class FuzzSource(torch.utils.data.Dataset):
@@ -92,6 +99,10 @@ class FuzzSource(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple:
         side = 48 if i % 16 == 0 else 32
         g = np.random.default_rng(i)
+        if COMPRESSION:
+            side = 64 if i % 16 == 0 else 32
+            img = (np.arange(side, dtype=np.uint8) * 3 + g.integers(0, 4, (3, side, side), dtype=np.uint8))
+            return (torch.from_numpy(img.astype(np.uint8)), i)
         return (torch.from_numpy(g.integers(0, 256, (3, side, side), dtype=np.uint8)), i)
 
 
@@ -102,8 +113,11 @@ def fuzz_key(i: int) -> str:
     return f"item-{i:04d}"
 
 
-def _kw() -> dict:
-    return {} if KEY is None else {"key": KEY}
+def _kw(view: bool = False) -> dict:
+    kw: dict = {} if KEY is None else {"key": KEY}
+    if COMPRESSION and not view:  # what a dataset writes (a view never writes)
+        kw["compression"] = COMPRESSION
+    return kw
 
 
 def expected(i: int) -> tuple:
@@ -302,7 +316,7 @@ def child_steps(path: str, quick: bool) -> dict:
     # the view last: its keys() walks whole trees with a cursor (where LMDB asserts on a
     # damaged page of a published copy that was not walked at open)
     def view() -> None:
-        with kvcache.open_cache(path, **_kw()) as v:
+        with kvcache.open_cache(path, **_kw(view=True)) as v:
             v.info()
             keys = list(v.keys())
             if KEY is not None:  # the stored keys, as the indices they were made from (v[i] reads by key)
@@ -540,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keyed", action="store_true", help="a keyed cache (key=), every step with its key function")
     p.add_argument("--with-source", action="store_true",
                    help="open every damaged file with its source (self-repair): nothing may raise")
+    p.add_argument("--compression", choices=["zstd", "lz4"], default=None,
+                   help="build and fill the caches compressed (compressible samples)")
     a = p.parse_args(argv)
-    global KEY
+    global KEY, COMPRESSION
+    COMPRESSION = a.compression
     KEY = fuzz_key if a.keyed else None
     if a.merge:
         recs = [r for f in a.merge for r in json.load(open(f))]
@@ -578,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(recs, f, indent=1)
     mode = ("with source" if a.with_source else "quick (no DataLoader/CLI steps)" if a.quick
             else "all steps") + (", keyed" if a.keyed else "")
+    if a.compression:
+        mode += f", {a.compression}-compressed"
     print(f"\n{len(recs)} seeds ({a.start}..{a.start + a.n - 1}), {mode}, {time.monotonic() - t0:.0f}s\n")
     print(table(recs))
     return 1 if any(_fails(r) for r in recs) else 0

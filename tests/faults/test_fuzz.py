@@ -66,3 +66,16 @@ def test_fuzz_a_keyed_cache_briefly():
 def test_fuzz_a_keyed_cache_200_seeds_quick_and_24_every_step():
     _fuzz("200", "--quick", "--keyed", "--start", "300000", timeout=900)
     _fuzz("24", "--keyed", "--start", "310000", timeout=900)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_fuzz_compressed_caches_briefly(codec):
+    """Damage on compressed records (segment tables, frames): refused or served right."""
+    out = _fuzz("6", "--quick", "--start", "7200", "--compression", codec, timeout=300)
+    assert f"{codec}-compressed" in out
+
+
+@pytest.mark.slow
+def test_fuzz_compressed_200_seeds_quick_and_24_every_step():
+    _fuzz("200", "--quick", "--start", "320000", "--compression", "zstd", timeout=900)
+    _fuzz("24", "--start", "330000", "--compression", "lz4", timeout=900)
