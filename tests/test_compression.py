@@ -132,13 +132,22 @@ def test_every_numpy_dtype_compressed(dtype, comp):
     assert flags(rec) & codec.PACKED
 
 
-def test_byte_shuffle_helps_multibyte_and_is_undone():
+def _segments(rec):
+    end = codec.HEADER_SIZE + len(codec.record_layout(rec))
+    n = struct.unpack_from("<H", rec, end)[0]
+    return [SEG.unpack_from(rec, end + 2 + SEG.size * j) for j in range(n)]
+
+
+def test_byte_shuffle_kept_where_it_saves_a_fifth_and_is_undone():
     tokens = np.random.default_rng(0).integers(0, 30000, 4096).astype(np.int64)
-    shuffled, _, _ = codec.encode(tokens, 1, 0, Compression("zstd"))
-    flat, _, _ = codec.encode(tokens, 1, 0, Compression("zstd", shuffle=False))
-    # the high bytes of small integers, grouped: 15 bits of 64 stored, 11 % smaller than unshuffled
-    assert len(shuffled) < 0.95 * len(flat) and len(shuffled) < 0.27 * tokens.nbytes
+    shuffled, _, _ = codec.encode(tokens, 1, 0, Compression("lz4"))
+    flat, _, _ = codec.encode(tokens, 1, 0, Compression("lz4", shuffle=False))
+    # lz4 finds little in interleaved bytes: grouped, the zero high bytes compress
+    assert len(shuffled) < 0.8 * len(flat) and [s[1] for s in _segments(shuffled) if s[0]] == [8]
     assert np.array_equal(codec.decode(shuffled, True, 1, 0), tokens)
+    # zstd gains under a fifth from it here: not worth a strided copy on every read
+    z, _, _ = codec.encode(tokens, 1, 0, Compression("zstd"))
+    assert [s[1] for s in _segments(z) if s[0]] == [0] and len(z) < 0.3 * tokens.nbytes
 
 
 def test_raw_fallback_incompressible_record_is_plain_and_npy_readable():

@@ -91,13 +91,15 @@ def build_all(name: str, data: list, root: str, peers: list[str]) -> tuple[dict,
         print(f"  built {sysname:12s} {dt:7.2f} s  {size / 2**20:8.1f} MiB  {files} files", flush=True)
     fl = readers["floor"]
     readers["floor_txn"] = S.LmdbRaw(fl.path, fl.n, fl.ragged, fl.dtype.str, fl.shape, fl.labels, False)
+    # the hash-then-copy limit: a txn per item (as kvcache's ds[i]), xxh3 of the value, one copy
+    readers["floor_hash"] = S.LmdbRawHashed(fl.path, fl.n, fl.ragged, fl.dtype.str, fl.shape, fl.labels, False)
     readers["tiered"] = S.Tiered(readers["perfile"].path, len(data), readers["perfile"].ragged)
     readers["dict"] = S.InRam(data)
     kvp = os.path.join(root, "kvcache")
     readers["kvcache"] = S.open_kvcache(kvp, lru_bytes=0)
     readers["kvcache_lru"] = S.open_kvcache(kvp, lru_bytes=64 << 20)
     readers["kvcache_noverify"] = S.open_kvcache(kvp, lru_bytes=0, verify=False)
-    for k in ("floor_txn", "tiered", "dict", *KV[1:]):
+    for k in ("floor_txn", "floor_hash", "tiered", "dict", *KV[1:]):
         info[k] = {"disk_bytes": None, "files": None}
     return readers, info
 
@@ -270,7 +272,7 @@ def run_workload(name: str, n: int, a: argparse.Namespace, root: str) -> dict:
     res["read_us"] = time_reads(readers, order, a.reps, batch=False)
     print("  reads timed", flush=True)
     res["getitems_us"] = time_reads(readers, order, a.reps, batch=True)
-    dl = ["floor", "floor_txn", "lmdb_pickle", "perfile", "memmap", "dict", *KV, *peers]
+    dl = ["floor", "floor_txn", "floor_hash", "lmdb_pickle", "perfile", "memmap", "dict", *KV, *peers]
     if "loader" not in a.skip:
         res["loader_items_s"] = time_loader(readers, dl, a.loader_reps, name == "W-ragged")
         print("  DataLoader timed", flush=True)
