@@ -168,7 +168,7 @@ def test_build_fills_every_index_and_resumes(path):
     view = open_cache(path)
     assert list(view.keys()) == list(range(N))
     info = view.info()
-    assert info.entries == N and info.source_length == N and info.format_version == 1
+    assert info.entries == N and info.source_length == N and info.format_version == 2
     assert same(view.get(7), src[7])
     view.close()
 
