@@ -367,12 +367,14 @@ def _page_aware(parts: list[Any], comp: Compression, head: int, size: int) -> by
     takes whole 4 KiB pages, so one just past a page boundary (NEAR) tries a stronger
     level, and one that would stay uncompressed is compressed anyway where that saves a
     whole page (the 10 % rule saves decoding time on records whose bytes barely shrink;
-    a page is more than that). Whichever takes fewer pages wins; ties keep the first."""
+    a page is more than that). Only records up to NEAR_MAX try (a page is at least 6 % of
+    them; a stronger level costs more on a big record than one page saves). Whichever
+    takes fewer pages wins; ties keep the first."""
     packed = pack(parts, comp)
     plain = head + size
     n = head + len(packed) if packed is not None else plain
     over = n + 16 - (pages(n) - 1) * PAGE if pages(n) else PAGE
-    if pages(n) and over <= NEAR:
+    if pages(n) and over <= NEAR and n <= NEAR_MAX:
         better = pack(parts, comp.stronger(), 1.0)
         if better is not None and pages(head + len(better)) < pages(n):
             return better
@@ -383,5 +385,6 @@ def _page_aware(parts: list[Any], comp: Compression, head: int, size: int) -> by
     return packed
 
 
+NEAR_MAX = 64 << 10
 _PREFIX = struct.Struct("<4sIQ")
 _TAIL = struct.Struct("<II")
