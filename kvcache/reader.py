@@ -250,6 +250,7 @@ class CachedReader:
         lru = self._lru
         verify, fp = self.verify, self._fp_read
         head, keyed, plans, xxh = _unpack_head, _HEAD_KEYED, _PLANS, _checksum
+        keyed_z, hash_first = codec.HEAD_KEYED_PACKED, codec.HASH_FIRST
         hits = 0
         try:
             txn = e.env.begin(e.samples, None, False, True)
@@ -279,7 +280,7 @@ class CachedReader:
                         v = _STALE
                     elif len(buf) >= 24:
                         h, cs, f, ll = head(buf, 0)
-                        if f == fp and h == keyed:
+                        if f == fp and h == keyed and len(buf) <= hash_first:
                             body = 24 + ll
                             try:
                                 v = plans[buf[24:body]](buf, body)
@@ -288,6 +289,11 @@ class CachedReader:
                             else:
                                 if verify and xxh(buf[16:], seed) != cs:
                                     v = _SLOW
+                        elif f == fp and (h == keyed or h == keyed_z):  # large, or compressed
+                            try:
+                                v = _decode(buf, verify, fp, seed)
+                            except (codec.StaleRecord, CorruptRecordError):
+                                v = _SLOW
                     if v is _SLOW:
                         v = self._lookup(txn, i, lk, seed)
                     elif v is not _STALE:

@@ -506,3 +506,35 @@ def test_a_record_just_over_a_page_is_compressed_under_it():
     noise = rng.integers(0, 256, (64, 64), dtype=np.uint8)  # nothing to gain: stays raw
     rec, _, _ = codec.encode((noise, 1), 1, 0, Compression("zstd"))
     assert not flags(rec) & codec.PACKED and pages(len(rec)) == 2
+
+
+class _Named(torch.utils.data.Dataset):
+    """Keyed samples (compressible): ``key(i)`` is the item's name."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        n = int(self.names[i][4:])
+        return {"tokens": torch.arange(300) % 17 + n, "name": self.names[i]}
+
+    def key(self, i: int) -> str:
+        return self.names[i]
+
+
+def test_keyed_cache_compressed_survives_a_reorder(tmp_path):
+    names = [f"item{k}" for k in range(60)]
+    src = _Named(names)
+    with LmdbCachedDataset(src, tmp_path / "k", key=src.key, compression="zstd") as ds:
+        ds.build()
+    assert inspect_cache(str(tmp_path / "k")).compression == {"zstd": 60}
+    moved = _Named(list(reversed(names)) + ["item99"])
+    with LmdbCachedDataset(moved, tmp_path / "k", key=moved.key, compression="zstd") as ds:
+        assert all(same(ds[i], moved[i]) for i in range(len(moved)))
+        assert all(same(v, moved[i]) for i, v in enumerate(ds.__getitems__(list(range(len(moved))))))
+        st = ds.stats()
+        assert st.misses == 1 and st.corrupt == 0 and st.hits == 2 * len(moved) - 1
+    assert verify(str(tmp_path / "k")).ok
