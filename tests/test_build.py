@@ -129,7 +129,7 @@ INTERRUPTED = r"""
 import sys
 from _cli_helpers import Squares
 from kvcache import LmdbCachedDataset
-ds = LmdbCachedDataset(Squares(2000, delay=0.004), sys.argv[1])
+ds = LmdbCachedDataset(Squares(2000, delay=0.02), sys.argv[1])
 try:
     ds.build(num_workers=2, start_method=sys.argv[2])
 except KeyboardInterrupt:
