@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pathlib
 import warnings
@@ -151,3 +152,45 @@ def test_workers_get_the_parts_instead_of_hashing_again(tmp_path):
     clone.close()
     ds.close()
     assert len(open_cache(path)) == 1
+
+
+class _Outer:
+    class _Outer:  # a nested class of the same name
+        def f(self):
+            return 1
+
+    def g(self):
+        return 2
+
+
+@dataclasses.dataclass
+class _Decorated:
+    x: int = 1
+
+    def f(self):
+        return self.x
+
+
+class _NoMethods:
+    x = 1
+
+
+def test_class_source_is_inspect_getsource_without_parsing_the_module():
+    import importlib
+    import inspect
+
+    from kvcache.fingerprint import class_source
+
+    checked = 0
+    for name in ("kvcache.dataset", "kvcache.store", "kvcache.errors", "kvcache.builder", "_cli_helpers",
+                 "helpers", "torch.utils.data.dataset", "argparse", "dataclasses", __name__):
+        m = importlib.import_module(name)
+        for c in [v for v in vars(m).values() if isinstance(v, type) and v.__module__ == m.__name__]:
+            for cls in [c, *[v for v in vars(c).values() if isinstance(v, type)]]:
+                try:
+                    ref = inspect.getsource(cls)
+                except (OSError, TypeError):
+                    continue
+                assert class_source(cls) == ref, cls
+                checked += 1
+    assert checked > 50
