@@ -41,14 +41,22 @@ def test_f20_paused_reader_does_not_bloat(tmp_path, loader):
             """)
             step = "res = [int(j) for j in next(it)[1]]"
         seen = h.ok(step)
+        rounds = []
         for v in range(10):  # 10x the live size rewritten while the reader is paused
             with kvcache.LmdbCachedDataset(ArraySource(N, SIZE), path, version=f"v{v}") as ds:
                 assert ds.build().computed == N
             seen += h.ok(step)  # the reader moves on a little, then pauses again
+            rounds.append(_used(path))
         assert seen == list(range(len(seen)))  # in order, nothing skipped
-        after = _used(path)
-        assert after < 2 * live, (after, live)
-        assert os.path.getsize(os.path.join(path, "data.mdb")) < 2 * live + (1 << 20)
+        # The first rewrite is one transaction (it cannot reuse what it frees itself): the
+        # file takes a second copy once (2.0x; 2.01x since a DataLoader worker commits the
+        # rows its stale source recomputed as soon as it runs out of work, issue 15). A
+        # reader that pinned pages would add a copy per round (11x after 10 rounds);
+        # short transactions keep every later round within a few pages of the first.
+        after = rounds[-1]
+        assert after < 2.5 * live, (rounds, live)
+        assert after - rounds[0] <= 16 * 4096, (rounds, live)
+        assert os.path.getsize(os.path.join(path, "data.mdb")) < 2.5 * live + (1 << 20)
     finally:
         assert h.close() == 0
     with kvcache.LmdbCachedDataset(ArraySource(N, SIZE), path, version="v9") as ds:
