@@ -36,6 +36,7 @@ from . import structure
 from .errors import CacheCorruptError, CorruptRecordError, KvCacheError
 from .identity import LOCK_NAME, check_identity
 from .mounts import filesystem_of
+from .pubrecord import RECORD_NAME
 from .lockfree import network_writes_allowed
 
 __all__ = ["CHECK_EVERY_S", "DAMAGE_STORM", "REPAIR_WAIT_ENV", "Recovering", "SelfRepair", "cannot_write",
@@ -110,6 +111,10 @@ def cannot_write(path: str, readonly: bool, allow_network_writes: bool) -> str |
     fs = filesystem_of(path)
     if fs is not None and fs.network is not None and not network_writes_allowed(allow_network_writes):
         return f"it is on a {fs.network} filesystem, where kvcache does not write"
+    if os.path.exists(os.path.join(path, RECORD_NAME)):
+        # a published copy stays what publish recorded, even where its files were made
+        # writable (a copy, a chmod): repairing it would break the record readers trust
+        return f"it is published ({RECORD_NAME}); publish it again to change it"
     data = os.path.join(path, "data.mdb")
     try:
         st = os.stat(data)
