@@ -17,6 +17,9 @@ class DiesOnRank(ImageSource):
     """ImageSource that kills its own process (SIGKILL, no cleanup) on rank ``victim`` at
     index ``at``; ``delay`` seconds per item make the build last long enough to commit."""
 
+    # how it fails, not what it yields: a rerun with DiesOnRank(n) is the same source
+    kvcache_fingerprint_exclude = ("victim", "at", "delay")
+
     def __init__(self, n: int, victim: int = -1, at: int = -1, delay: float = 0.0) -> None:
         super().__init__(n)
         self.victim, self.at, self.delay = victim, at, delay
