@@ -63,6 +63,7 @@ UNTIMED = {"release", "releasedir", "flush", "destroy", "init"}  # not a round t
 # counted, but not round trips: bytes read, and the most requests that were ever waiting at
 # once (a high-water mark: concurrent page faults show up here as > 1)
 NOT_OPS = UNTIMED | {"read_bytes", "max_inflight"}
+MAX_THREADS = 64  # requests served at once (libfuse's max_threads option; its default is 10)
 
 
 class NetSimUnavailable(RuntimeError):
@@ -237,8 +238,10 @@ def serve(backing: str, mount: str, latency_us: float, stats: str | None = None,
         allow_other = os.geteuid() == 0  # root mounts it; let other users (tests as nobody) in
     kw = {"allow_other": True} if allow_other else {}
     try:
+        # libfuse serves at most max_threads requests at once; its default, 10, capped
+        # concurrent page faults at 10-13, where an NFS client keeps many more RPCs in flight
         fuse.FUSE(ops, mount, foreground=True, nothreads=False, default_permissions=True,
-                  fsname="netsim", **kw)
+                  fsname="netsim", max_threads=MAX_THREADS, **kw)
     finally:
         if stats:
             with lock:
