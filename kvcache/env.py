@@ -43,8 +43,6 @@ from .errors import (
     CacheCorruptError,
     CacheReadOnlyError,
     KvCacheWarning,
-    NetworkFilesystemError,
-    NotACacheError,
 )
 from .coldread import map_of, willneed
 from .lockfree import ALLOW_NETWORK_WRITES_ENV, NoEnvironment, cold_reads, prefetch, read_policy

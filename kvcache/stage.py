@@ -33,7 +33,6 @@ from typing import Any
 from .copyfile import NoSpace, copy_file, fsync_dir
 from .errors import CacheCorruptError, KvCacheError, KvCacheWarning, NotACacheError
 from .identity import LOCK_NAME, check_identity
-from .pubrecord import RECORD_NAME
 from .progress import Progress, progress_for
 from .pubrecord import RECORD_NAME, file_digest, publish_record
 from .stagedir import (
