@@ -3,7 +3,7 @@
     python tools/bench_bignet.py --root /work/bigdata [--n 600000] [--items 20000]
         [--latency-us 200] [--bandwidth-mbps 1250] [--memory-mb 1200] [--epochs 2]
         [--rows per-file,lmdb+pickle,kvcache,kvcache-staged,kvcache-local]
-        [--json out.json] [--plot docs/img/network_big.png]
+        [--workload cifar|lowent] [--json out.json] [--plot docs/img/network_big.png]
 
 A cache of ``--n`` CIFAR-sized items (uint8[3,32,32] + int label; 600,000 make a 2.35 GiB
 ``data.mdb``), published with ``kvcache publish``, is read through ``tools/netsim.py``
@@ -21,7 +21,11 @@ Rows (each in a fresh process tree; ``--rows`` picks):
 * ``kvcache-staged``: ``kvcache.stage(published, local_dir)`` (timed: "stage s"), then the
   epochs on ``LmdbCachedDataset(source, published, stage=local_dir)`` (needs
   ``kvcache.stage``; skipped, with a note, where this kvcache has none);
-* ``kvcache-local``: the same published file read from local disk, in the same cgroup.
+* ``kvcache-local``: the same published file read from local disk, in the same cgroup;
+* ``kvcache-zstd`` / ``kvcache-zstd-local``: the published cache published again with
+  ``compression="zstd"``, through the mount / from local disk. ``--workload lowent`` (smooth
+  uint8 3x64x64 scenes, 12 KiB records that zstd stores about 2x smaller; kept apart under
+  ``--root``/back-lowent) runs kvcache, its zstd copy and both on local disk by default.
 
 ``--root`` keeps what takes minutes to make (the caches, the per-file tree) and reuses it.
 Reported per row: µs per item of the first and the fastest later epoch (from the
@@ -52,11 +56,34 @@ sys.path.insert(0, os.path.dirname(HERE))
 import netsim  # noqa: E402
 from bench_network import Cifarish, LmdbPickle, PerFile  # noqa: E402
 
-FINGERPRINT = "bench-cifarish"  # the source's code may change; the cache stays valid
 ROWS = ["per-file", "lmdb+pickle", "kvcache", "kvcache-staged", "kvcache-local"]
+ZSTD_ROWS = ["kvcache-zstd", "kvcache-zstd-local"]  # the same published cache compressed (zstd)
+
+
+class Lowent(torch.utils.data.Dataset):
+    """``(uint8 tensor [3,64,64], int label)``: bench_compress.py's W-lowent scenes (smooth,
+    flat regions, sigma 0.5 noise; zstd stores them about 2x smaller), one per index."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        from bench_compress import _scene
+
+        rng = np.random.default_rng(i)
+        return torch.from_numpy(_scene(rng, 64, 0.5, True)), i % 10
+
+
+SOURCES = {"cifar": Cifarish, "lowent": Lowent}
+# the source's code may change; the cache stays valid
+FINGERPRINT = {"cifar": "bench-cifarish", "lowent": "bench-lowent"}
 LABEL = {"per-file": "per-file .npy + label", "lmdb+pickle": "LMDB + pickle",
          "kvcache": "kvcache published (default)", "kvcache-staged": "kvcache staged (stage=)",
-         "kvcache-local": "kvcache published, local disk"}
+         "kvcache-local": "kvcache published, local disk",
+         "kvcache-zstd": "kvcache published, zstd", "kvcache-zstd-local": "kvcache published, zstd, local disk"}
 
 
 def indices(n: int, items: int) -> list[int]:
@@ -66,24 +93,37 @@ def indices(n: int, items: int) -> list[int]:
 # --------------------------------------------------------------------------- building (once)
 
 
-def build(root: str, n: int, items: int) -> None:
-    """Make what is missing under ``root/back``: the published cache, LMDB + pickle of all
-    ``n`` items, and the per-file tree of the items read."""
+def back_dir(root: str, workload: str) -> str:
+    return os.path.join(root, "back" if workload == "cifar" else f"back-{workload}")
+
+
+def build(root: str, n: int, items: int, rows: list[str], workload: str = "cifar") -> None:
+    """Make what ``rows`` need and is missing under :func:`back_dir`: the published cache
+    (and its zstd copy), LMDB + pickle of all ``n`` items, and the per-file tree of the
+    items read."""
     import lmdb
 
     import kvcache
 
-    back = os.path.join(root, "back")
+    back = back_dir(root, workload)
     os.makedirs(back, exist_ok=True)
-    src = Cifarish(n)
+    src = SOURCES[workload](n)
     pub = os.path.join(back, "kvcache")
+    local = os.path.join(root, f"kvcache-local-{workload}")
     if not os.path.exists(pub):
-        local = os.path.join(root, "kvcache-local")
         t = time.perf_counter()
-        with kvcache.LmdbCachedDataset(src, local, fingerprint=FINGERPRINT) as ds:
-            ds.build(progress=True)
+        with kvcache.LmdbCachedDataset(src, local, fingerprint=FINGERPRINT[workload]) as ds:
+            ds.build(progress=True, num_workers=2 if workload != "cifar" else 0)
         kvcache.publish(local, pub, progress=True)
         print(f"built and published {n:,} items in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    zpub = os.path.join(back, "kvcache-zstd")
+    if set(rows) & set(ZSTD_ROWS) and not os.path.exists(zpub):
+        t = time.perf_counter()
+        kvcache.publish(pub, zpub, progress=True, compression="zstd")
+        print(f"published a zstd copy in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    shutil.rmtree(local, ignore_errors=True)
+    if not set(rows) & {"lmdb+pickle", "per-file"}:
+        return
     lp = os.path.join(back, "lmdb+pickle")
     if not os.path.exists(lp):
         env = lmdb.open(lp, map_size=max(1 << 30, n * 8192))
@@ -118,7 +158,8 @@ def _counts(control: str | None) -> dict[str, int]:
     return fs.counts()
 
 
-def child(kind: str, path: str, n: int, items: int, epochs: int, control: str | None, stage_dir: str | None) -> dict:
+def child(kind: str, path: str, n: int, items: int, epochs: int, control: str | None, stage_dir: str | None,
+          workload: str = "cifar") -> dict:
     import kvcache
 
     res: dict[str, Any] = {}
@@ -133,9 +174,10 @@ def child(kind: str, path: str, n: int, items: int, epochs: int, control: str | 
         res["stage_s"] = time.perf_counter() - t
         res["stage_ops"] = netsim.ops_total(netsim.delta(_counts(control), c0))
         res["staged_path"] = local
-        ds = kvcache.LmdbCachedDataset(Cifarish(n), path, fingerprint=FINGERPRINT, stage=stage_dir)
+        ds = kvcache.LmdbCachedDataset(SOURCES[workload](n), path, fingerprint=FINGERPRINT[workload],
+                                       stage=stage_dir)
     else:
-        ds = kvcache.LmdbCachedDataset(Cifarish(n), path, fingerprint=FINGERPRINT)
+        ds = kvcache.LmdbCachedDataset(SOURCES[workload](n), path, fingerprint=FINGERPRINT[workload])
     res["open_s"] = time.perf_counter() - t0
     sub = torch.utils.data.Subset(ds, indices(n, items))
     dl = torch.utils.data.DataLoader(sub, batch_size=256, shuffle=True, num_workers=2,
@@ -170,7 +212,7 @@ def _evict(path: str) -> None:
 def run_row(kind: str, path: str, a: argparse.Namespace, control: str | None, stage_dir: str | None) -> dict:
     with netsim.MemoryLimit(int(a.memory_mb * (1 << 20))) as cg:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                            json.dumps([kind, path, a.n, a.items, a.epochs, control, stage_dir])],
+                            json.dumps([kind, path, a.n, a.items, a.epochs, control, stage_dir, a.workload])],
                            capture_output=True, text=True, check=False, preexec_fn=cg.enter,
                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
         peak = cg.peak_bytes()
@@ -193,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-us", type=float, default=200.0)
     ap.add_argument("--bandwidth-mbps", type=float, default=1250.0, help="MB/s of the simulated link")
     ap.add_argument("--memory-mb", type=float, default=1200.0, help="memory cgroup of the readers (root)")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=None, help=f"default: {','.join(ROWS)}; with --workload lowent: "
+                    f"kvcache,{','.join(ZSTD_ROWS)},kvcache-local")
+    ap.add_argument("--workload", choices=sorted(SOURCES), default="cifar",
+                    help="cifar: uint8 3x32x32 noise (3 KiB records); lowent: smooth uint8 3x64x64 scenes "
+                         "(12 KiB records that zstd stores about 2x smaller), for the compressed rows")
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--plot", help="write a PNG bar chart here")
     ap.add_argument("--from-json", help="print the table (and --plot) of an earlier --json")
@@ -216,22 +262,26 @@ def main(argv: list[str] | None = None) -> None:
     import kvcache
 
     root = os.path.abspath(a.root)
-    build(root, a.n, a.items)
-    back, mnt = os.path.join(root, "back"), os.path.join(root, "mnt")
+    if a.rows is None:
+        a.rows = ",".join(ROWS) if a.workload == "cifar" else ",".join(["kvcache", *ZSTD_ROWS, "kvcache-local"])
+    rows = [r for r in a.rows.split(",") if r]
+    build(root, a.n, a.items, rows, a.workload)
+    back, mnt = back_dir(root, a.workload), os.path.join(root, "mnt")
     stage_dir = os.path.join(root, "stage")
-    res: dict[str, Any] = {"n": a.n, "items": a.items, "latency_us": a.latency_us, "bandwidth_mbps": a.bandwidth_mbps,
+    res: dict[str, Any] = {"workload": a.workload, "n": a.n, "items": a.items, "latency_us": a.latency_us, "bandwidth_mbps": a.bandwidth_mbps,
                            "memory_mb": a.memory_mb, "epochs": a.epochs, "load_before": os.getloadavg(),
                            "bytes": os.path.getsize(os.path.join(back, "kvcache", "data.mdb")), "rows": []}
+    if os.path.exists(os.path.join(back, "kvcache-zstd")):
+        res["zstd_bytes"] = os.path.getsize(os.path.join(back, "kvcache-zstd", "data.mdb"))
     where = {"per-file": f"per-file-{a.n}-{a.items}", "lmdb+pickle": "lmdb+pickle", "kvcache": "kvcache",
-             "kvcache-staged": "kvcache"}
-    rows = [r for r in a.rows.split(",") if r]
+             "kvcache-staged": "kvcache", "kvcache-zstd": "kvcache-zstd"}
     with netsim.NetSim(back, mnt, latency_us=a.latency_us, bandwidth_mbps=a.bandwidth_mbps) as fs:
         for kind in rows:
             if kind == "kvcache-staged" and not hasattr(kvcache, "stage"):
                 res["rows"].append({"kind": kind, "error": "this kvcache has no kvcache.stage"})
                 continue
-            if kind == "kvcache-local":
-                path, control = os.path.join(back, "kvcache"), None
+            if kind.endswith("-local"):
+                path, control = os.path.join(back, where[kind[:-len("-local")]]), None
                 _evict(path)
             else:
                 path, control = os.path.join(mnt, where[kind]), fs.control
@@ -261,10 +311,16 @@ def table(res: dict) -> str:
     lines = [f"{res['items']:,} random items of {res['n']:,} ({res['bytes'] / 2**30:.2f} GiB data.mdb), DataLoader "
              f"batch 256, 2 workers, shuffled; netsim {lat:,.0f} µs per round trip, {res['bandwidth_mbps']:,.0f} MB/s "
              f"link; readers in a {res['memory_mb']:,.0f} MiB memory cgroup; load average "
-             f"{res['load_before'][0]:.1f} before, {res['load_after'][0]:.1f} after", "",
-             "| cache | stage s | first epoch µs/item | later epoch µs/item | round trips/item | "
-             "round trips of wall time/item | x per-file (first) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    per_file = next((r for r in res["rows"] if r["kind"] == "per-file" and "epochs" in r), None)
+             f"{res['load_before'][0]:.1f} before, {res['load_after'][0]:.1f} after"]
+    if "zstd_bytes" in res:
+        lines[0] += (f"; workload {res.get('workload', 'cifar')}, the zstd copy's data.mdb "
+                     f"{res['zstd_bytes'] / 2**30:.2f} GiB ({res['bytes'] / res['zstd_bytes']:.2f}x smaller)")
+    base = next((r for r in res["rows"] if r["kind"] == "per-file" and "epochs" in r), None) \
+        or next((r for r in res["rows"] if r["kind"] == "kvcache" and "epochs" in r), None)
+    base_name = "per-file" if base is None or base["kind"] == "per-file" else "kvcache"
+    lines += ["", "| cache | stage s | first epoch µs/item | later epoch µs/item | round trips/item | "
+              f"round trips of wall time/item | x {base_name} (first) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    per_file = base
     for r in res["rows"]:
         if "epochs" not in r:
             lines.append(f"| {LABEL[r['kind']]} | - | not run: {r.get('error', '?')[:80]} | | | | |")
