@@ -4,38 +4,40 @@ The first access to an index computes it from the source and stores it; every la
 access, in any process or run, reads it back from the cache. The read path is one LMDB
 ``get`` in a short read transaction, a checksum, and one copy out of LMDB memory (see
 :mod:`kvcache.codec`); a bytes-bounded LRU sits in front of it in each process.
+
+This module holds the class, its construction, pickling and lifecycle; its other halves
+are base classes, one concept each: the read path (:mod:`kvcache.reader`), opening the
+cache and the questions asked of it (:mod:`kvcache.attach`), the miss path
+(:mod:`kvcache.misses`) and damage (:mod:`kvcache.selfrepair`).
 """
 
 from __future__ import annotations
 
 import os
-import random
-import time
 import warnings
 from typing import Any, Callable
 
 import torch.utils.data
 
-from . import builder, catalog, codec
-from .errors import CacheCorruptError, KeyedCacheError, KvCacheError, KvCacheWarning, MissingSampleError, SampleTooLargeError
-from .fingerprint import compute_parts
-from .keys import duplicate, key_function
+from . import builder, codec
+from .attach import Attaching
+from .errors import KvCacheWarning
+from .keys import key_function
 from .lru import BytesLRU
+from .misses import Computing
 from .stats import BuildReport, CacheStats
 from .reader import CachedReader
-from .selfrepair import CHECK_EVERY_S, Recovering, file_id
+from .selfrepair import Recovering
 from .stage import open_staged, release
-from .store import KEY, Store
+from .store import Store
 from .writeback import Writer
 
 __all__ = ["BuildReport", "CacheStats", "LmdbCachedDataset"]
 
 _ON_STALE = ("recompute", "reset", "error")
-_decode = codec.decode
-_monotonic = time.monotonic
 
 
-class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
+class LmdbCachedDataset(CachedReader, Computing, Attaching, Recovering, torch.utils.data.Dataset):
     """Wrap a map-style dataset so every sample is computed once and read from LMDB after.
 
     Args:
@@ -229,144 +231,13 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         self._setup()  # opens lazily, in the process that uses it
         self._parts = state.get("_parts")
 
-    def _source_parts(self) -> dict[str, Any] | None:
-        """The source's fingerprint parts, computed once (when constructed), again only
-        if its length changed since."""
-        src = self.source
-        if src is None:
-            return None
-        p = self._parts
-        if p is None or ("length" in p and p["length"] != len(src)):
-            a = self._args
-            p = self._parts = compute_parts(src, a["version"], a["fingerprint"], self._keyfn is not None)
-        return p
-
-    # -- opening
-
-    def _prepare(self, wait: bool = False) -> Any:
-        """Open this process's environment and match the source's fingerprint."""
-        if self._closed:
-            raise ValueError(f"{self.path}: I/O on a closed LmdbCachedDataset")
-        src = self.source
-        try:
-            e = self._store.handle()
-        except CacheCorruptError as exc:
-            if src is None:
-                raise
-            e = self._recover(exc, wait)
-        self._file_id = file_id(self.path)
-        self._next_check = _monotonic() + CHECK_EVERY_S
-        keyed = self._keyfn is not None
-        parts = self._source_parts()
-        length = None if src is None else len(src)
-        res = catalog.resolve(self._store, parts, length, self._args["on_stale"])
-        if src is None and res.fp_id is not None and self._cache_keyed(res.fp_id) != keyed:
-            raise KeyedCacheError(
-                f"{self.path} is a keyed cache (filled with key=): pass the same key= to read it by "
-                "index, or read it by key with open_cache(path).by_key(k)" if not keyed else
-                f"{self.path} is an index-keyed cache (filled without key=): open it without key=")
-        if self._lru is not None and (res.fp_id != self._fp_id or res.reset):
-            # The LRU holds verified records of this source's fingerprint: they stay right
-            # across a reopen (after a build's workers forked, a compaction, a repair)
-            # unless the id they were read under changed.
-            self._lru.clear()
-        self._fp_id = self._writer.fp_id = res.fp_id
-        self._fp_read = -1 if res.fp_id is None else res.fp_id  # -1 matches no record
-        if src is None:
-            if res.length is not None:
-                self._len = res.length
-            else:
-                self._len = 0 if keyed else self._last_index() + 1
-        else:
-            self._len = length
-        if e.lockfree:  # published or on a network fs: warn at the first miss, not at open
-            self._unstored = e.readonly_reason
-            self._writer.disabled = e.readonly_reason
-        elif e.readonly_reason and not self._args["readonly"] and src is not None:
-            self._warn_once("readonly", f"kvcache: {e.readonly_reason}; misses are computed, not stored")
-            self._writer.disabled = e.readonly_reason  # buffering rows would only warn again
-        if res.stale and res.reset:
-            self._warn_once("reset", f"kvcache: {self.path} emptied (on_stale='reset'): {'; '.join(res.stale)}")
-        elif res.stale and res.recompute and not res.deliberate:
-            self._warn_once("stale", (
-                f"kvcache: {self.path}: the source changed since the cache was filled "
-                f"({'; '.join(res.stale)}): {res.recompute:,} cached samples of the previous "
-                "source will be recomputed as they are read, not served (`kvcache gc` then drops "
-                "the old records; pass fingerprint=/version=, or list an attribute that does not "
-                "change the samples in the source class's kvcache_fingerprint_exclude)"))
-        self._env = e
-        return e
-
-    def _cache_keyed(self, fp_id: int) -> bool:
-        parts = (catalog.fingerprints(self._store).get(fp_id) or {}).get("parts")
-        return isinstance(parts, dict) and parts.get("keyed") is True
-
-    def _last_index(self) -> int:
-        with self._store.begin() as txn:
-            cur = txn.cursor()
-            if not cur.last():
-                return -1
-            for k in cur.iterprev(keys=True, values=False):  # past a keyed source's 16-byte keys
-                if len(k) == KEY.size:
-                    return KEY.unpack(bytes(k))[0]
-            return -1
-
-    def _handle(self) -> Any:
-        e = self._env
-        if self._next_check <= _monotonic():
-            e = self._check_file()
-        if e is None or e.dead:
-            e = self._prepare()
-        return e
-
-    # -- the Dataset protocol (the read path is kvcache.reader.CachedReader)
+    # -- the Dataset protocol (the read path is kvcache.reader.CachedReader, a miss
+    # kvcache.misses.Computing, opening kvcache.attach.Attaching)
 
     def __len__(self) -> int:
         if self._len is None:
             self._handle()
         return self._len  # type: ignore[return-value]
-
-    def _compute(self, i: int, wkey: Any = None, seed: int | None = None, kb: bytes | None = None) -> Any:
-        """A miss: compute from the source (or a pending write) and buffer the record.
-        ``wkey``, ``seed``, ``kb``: a keyed record's LMDB key, checksum seed and key."""
-        w = self._writer
-        if wkey is None:
-            wkey = seed = i
-        pending = w.pending(wkey)
-        if pending is not None:  # computed earlier, not committed yet: a hit all the same
-            owner = w.owner(wkey)
-            if owner is not None and owner != i:
-                raise duplicate(self.path, owner, i, kb or b"b")
-            self._stats.hits += 1
-            return _decode(pending, False)
-        if self.source is None:
-            raise MissingSampleError(
-                f"{self.path}: index {i} is not in the cache and there is no source to compute it "
-                "(open with the source dataset to fill it)"
-            )
-        if self._next_check <= _monotonic():
-            self._check_file()
-        sample = self.source[i]
-        self._stats.misses += 1
-        if w.disabled or self._fp_id is None or self._store.readonly:
-            if self._unstored is not None:
-                self._warn_once("unstored", f"kvcache: {self._unstored}")
-            elif w.failed:  # write-back stopped for good after a write failure: count it
-                self._stats.write_errors += 1
-            return sample
-        try:
-            record, meta = codec.encode_with_meta(sample, self._fp_id, seed, self.compression,
-                                                  key=kb)  # type: ignore[arg-type]
-        except KvCacheError as exc:
-            raise type(exc)(f"index {i}: {exc}") from None
-        if len(record) > self.max_sample_bytes:
-            self._stats.too_large += 1
-            self._warn_once("too_large", str(SampleTooLargeError(
-                f"kvcache: sample {i} encodes to {len(record)} bytes, over max_sample_bytes="
-                f"{self.max_sample_bytes}; such samples are served uncached")))
-            return sample
-        w.add(wkey, record, meta, None if kb is None else i)
-        return sample
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -453,64 +324,6 @@ class LmdbCachedDataset(CachedReader, Recovering, torch.utils.data.Dataset):
         self.flush()  # what __getitem__ buffered is cached before the build looks
         return builder.Target(self.path, self._store, fp_id, len(self), self.max_sample_bytes,
                               self.compression)
-
-    @property
-    def store(self) -> Store:
-        """The :class:`kvcache.store.Store` this dataset reads and writes in this process
-        (for kvcache's build and maintenance code; not a stable API)."""
-        return self._store
-
-    @property
-    def fingerprint_parts(self) -> dict[str, Any] | None:
-        """What identifies this source (class, length, class source hash, ``version``; or
-        the ``fingerprint=`` given; a keyed source has ``keyed`` for the length); None
-        without a source."""
-        return self._source_parts()
-
-    @property
-    def fingerprint_id(self) -> int | None:
-        """This source's fingerprint id in the cache (opening it if needed): the id its
-        records carry. None when it never wrote here and cannot (read-only)."""
-        self._handle()
-        return self._fp_id
-
-    @property
-    def keyed(self) -> bool:
-        """Whether samples are stored by ``key=`` rather than by index."""
-        return self._keyfn is not None
-
-    def storage_key(self, i: int) -> tuple[bytes, int, bytes | None]:
-        """``(LMDB key, checksum seed, normalised user key or None)`` of index ``i`` (for
-        kvcache's build and maintenance code; calls the key function of a keyed cache).
-
-        Raises:
-            KeyFunctionError: the key function failed for ``i``.
-        """
-        if self._keyfn is None:
-            return KEY.pack(i), i, None
-        return self._keyfn(i)
-
-    def cached_indices(self) -> set[int]:
-        """Indices whose record was written by this source's fingerprint (one cursor
-        pass over the metadata rows: O(n) by nature, it returns n items; a keyed cache
-        also calls the key function for every index)."""
-        self._handle()
-        if self._keyfn is not None:
-            have = {lk for lk, _kb in self._store.keys_of(self._fp_id)}
-            kf = self._keyfn
-            return {i for i in range(len(self)) if kf(i)[0] in have}
-        return builder.cached_set(self._store, self._fp_id)
-
-    def random_cached(self, k: int, rng: random.Random | None = None) -> list[int]:
-        """``k`` distinct random cached indices (fewer if fewer are cached), found by
-        probing random rows: a spot check costs the same at 10^4 and 10^7 samples (a
-        keyed cache lists them: :meth:`cached_indices`)."""
-        self._handle()
-        rng = rng or random.Random()
-        if self._keyfn is not None:
-            have = sorted(self.cached_indices())
-            return rng.sample(have, min(k, len(have)))
-        return builder.sample_cached(self._store, self._fp_id, len(self), k, rng)
 
     def close(self) -> None:
         """Flush buffered writes and release this process's environment (idempotent)."""

@@ -1,12 +1,13 @@
 """The read path of a cached sample: ``__getitem__`` and ``__getitems__``.
 
 This is the code that runs millions of times an epoch, kept apart from the dataset's
-lifecycle (opening, fingerprints, misses, write-back: :mod:`kvcache.dataset`). A cached
-read is one LMDB ``get`` in a short read transaction, the record's length checked
-against its layout, its checksum, and one copy out of LMDB memory (:mod:`kvcache.codec`);
-a bytes-bounded LRU may sit in front of it. Anything unusual (a miss, a stale or damaged
-record, a damaged tree) leaves the fast path for ``_lookup``/``_damaged`` and, for a
-miss, the dataset's ``_compute``.
+lifecycle (:mod:`kvcache.dataset`), opening and fingerprints (:mod:`kvcache.attach`), and
+misses and write-back (:mod:`kvcache.misses`). A cached read is one LMDB ``get`` in a
+short read transaction, the record's length checked against its layout, its checksum,
+and one copy out of LMDB memory (:mod:`kvcache.codec`); a bytes-bounded LRU may sit in
+front of it. Anything unusual (a miss, a stale or damaged record, a damaged tree) leaves
+the fast path for ``_lookup``/``_damaged`` and, for a miss, the dataset's ``_compute``
+(:mod:`kvcache.misses`).
 """
 
 from __future__ import annotations
