@@ -17,6 +17,9 @@ end:
   queue means this was its last batch for now (the end of an epoch), so the rows are
   committed before the batch reaches the main process. A sample computed in epoch k is
   therefore in the cache before epoch k + 1 starts, whichever worker reads it then.
+  A wrapper that reads item by item (ConcatDataset) hides a batch's end: such a worker
+  commits when out of work at most every ``IDLE_GETITEM`` seconds, and in any case
+  before it waits for its next batch (its index queue's ``get`` is wrapped).
 
 A batch that does not fit (the map at ``max_map_size``, a full disk, the file size
 limit) is split in halves and each half tried again, down to single records, so a full
@@ -231,17 +234,19 @@ class Writer:
 _LIVE: "weakref.WeakSet[Writer]" = weakref.WeakSet()
 
 
-def _flush_before_fork() -> None:
+def _flush_live() -> None:
+    """Flush every writer holding rows of this process (before a fork, before a worker
+    waits for work)."""
     pid = os.getpid()
     for w in list(_LIVE):
         if w.rows and w._pid == pid:
             try:
                 w.flush()
-            except Exception:  # never let a fork fail because of write-back
+            except Exception:  # never let a fork or a worker fail because of write-back
                 pass
 
 
-os.register_at_fork(before=_flush_before_fork)
+os.register_at_fork(before=_flush_live)
 
 
 def _worker_queue() -> Any:
@@ -260,9 +265,35 @@ def _worker_queue() -> Any:
     while f is not None:
         if f.f_code.co_name == "_worker_loop":
             q = f.f_locals.get("index_queue")
-            return q if callable(getattr(q, "empty", None)) else None
+            if not callable(getattr(q, "empty", None)) or not callable(getattr(q, "get", None)):
+                return None
+            _commit_before_waiting(q)
+            return q
         f = f.f_back
     return None
+
+
+def _commit_before_waiting(queue: Any) -> None:
+    """Wrap this worker's ``index_queue.get`` (an attribute of this process's queue
+    object, nothing else) so that a worker about to wait for work first commits what it
+    buffered. ``__getitems__`` already commits before its last batch goes out; a wrapper
+    reading item by item (ConcatDataset) cannot see a batch's end, and without this its
+    last rows of an epoch stayed buffered for as long as the worker computed nothing
+    more (a whole epoch of hits), so the other worker computed them again."""
+    if getattr(queue, "_kvcache_commits", False):
+        return
+    get = queue.get
+
+    def get_after_commit(*args: Any, **kwargs: Any) -> Any:
+        if _LIVE and _empty(queue):  # about to wait: nothing else to do meanwhile
+            _flush_live()
+        return get(*args, **kwargs)
+
+    try:
+        queue.get = get_after_commit
+        queue._kvcache_commits = True
+    except AttributeError:  # a queue type without instance attributes: count and age only
+        pass
 
 
 def _empty(queue: Any) -> bool:

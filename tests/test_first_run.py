@@ -135,12 +135,15 @@ def test_break_mid_epoch_keeps_what_workers_computed(tmp_path, method):
 @SLOW
 def test_item_by_item_wrapper_keeps_every_sample(tmp_path):
     # ConcatDataset calls ds[i] per item, so a worker cannot see a batch's end: it commits
-    # when out of work at most every writeback.IDLE_GETITEM seconds, and the rows of its
-    # last ~50 ms may be computed again in epoch 2 by the other worker (a documented limit)
+    # when out of work at most every writeback.IDLE_GETITEM seconds, and before it waits
+    # for its next batch. Without the second, a worker's last rows of epoch 1 stayed
+    # buffered through a whole epoch of hits: ~510 recomputed in epoch 2, 110-240 in 3.
+    # What is left is a race at the epoch's start (the other worker reading a row within
+    # the milliseconds its commit takes): measured 0 of 1,000 in 6 runs on an idle machine.
     path, calls = _run(tmp_path, "fork", epochs=3, n=1000, batch=100, mode="concat")
     assert sorted(calls[1]) == list(range(1000))
     assert len(calls[3]) == 0  # by epoch 3 everything is in the cache
-    assert len(calls[2]) < 300
+    assert len(calls[2]) < 100, len(calls[2])
     assert _stored(path) == set(range(1000))
 
 
